@@ -1,0 +1,188 @@
+"""MNIST-style normalisation of an arbitrary digit image, and a guarded decoder.
+
+MNIST's digits were made by fitting each scanned digit into a 20x20 box (keeping
+its aspect ratio, with anti-aliasing) and centring that box in a 28x28 field by
+the centre of mass of its pixels. Ink is bright (255) on a dark (0) background.
+`normalize` repeats those steps for any image so that what a user's camera or
+drawing pad produces looks, to the model, like what it was trained on. Training,
+the server and the client all call this one function, so there is one definition
+of "what the model sees".
+
+`decode` is the only way the server turns untrusted bytes into pixels: it checks
+the byte size, the format and the declared pixel count from the header before any
+pixel data is decompressed, so a decompression bomb costs a header read.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+SIZE = 28  # side of the output field
+BOX = 20  # side of the box the digit is fitted into
+
+# Formats accepted from clients, as Pillow names them (PGM is Pillow's "PPM" plugin).
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "BMP", "PPM"})
+
+DEFAULT_MAX_IMAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+class ImageError(ValueError):
+    """An image that cannot be normalised; the message says why and what was expected."""
+
+
+class ImageTooLarge(ImageError):
+    """An image over the byte or pixel limit, refused before its pixels were decoded."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def open_checked(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Open encoded image bytes lazily and check them from the header alone.
+
+    Returns a Pillow image whose pixel data has NOT been decoded yet; raises
+    ImageTooLarge or ImageError otherwise.
+    """
+    if len(data) == 0:
+        raise ImageError("encoded image is empty (0 bytes), expected PNG, JPEG, BMP or PGM data")
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(
+            f"encoded image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes (--max-image-bytes)"
+        )
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (then errors) on large images by its own global limit; ours is checked below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"encoded image declares too many pixels: {exc}") from None
+    except Exception:
+        head = data[:8]
+        raise ImageError(
+            f"could not read an image header from {len(data)} bytes (starting {head!r}): "
+            "expected PNG, JPEG, BMP or PGM"
+        ) from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image header declares size {width}x{height}, expected a positive width and height")
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"image header declares {width}x{height} = {width * height} pixels, over the limit of "
+            f"{limits.max_pixels} pixels (--max-image-pixels); refused before decoding"
+        )
+    return img
+
+
+def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """Decode encoded image bytes into a float32 grayscale array in [0, 255]."""
+    img = open_checked(data, limits)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except Exception as exc:
+        raise ImageError(f"{img.format} image {img.size[0]}x{img.size[1]} could not be decoded: {exc}") from None
+    return to_gray(img)
+
+
+def to_gray(img: Image.Image) -> np.ndarray:
+    """Pillow image -> float32 luminance in [0, 255]; transparency becomes background."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        hi = float(arr.max()) if arr.size else 0.0
+        return arr * (255.0 / hi) if hi > 255.0 else arr
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if not has_alpha:
+        return np.asarray(img.convert("L"), dtype=np.float32)
+    rgba = img.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+    lum = np.asarray(rgba.convert("L"), dtype=np.float32)
+    if alpha.min() >= 1.0:
+        return lum
+    # Strokes drawn on a transparent canvas: put them on a background of the opposite
+    # brightness to the ink, so the polarity step sees a normal picture either way.
+    weight = alpha.sum()
+    ink_lum = float((lum * alpha).sum() / weight) if weight > 0 else 0.0
+    bg = 255.0 if ink_lum < 128.0 else 0.0
+    return lum * alpha + bg * (1.0 - alpha)
+
+
+def normalize(gray: np.ndarray) -> np.ndarray:
+    """Turn a grayscale digit picture (any size, any polarity) into MNIST's 28x28 uint8 form.
+
+    Steps: detect polarity from the border (MNIST is light ink on dark), stretch the
+    contrast so the background is 0 and the darkest ink is 255, crop to the ink,
+    fit the crop into 20x20 keeping its aspect ratio, and place it in 28x28 so its
+    centre of mass is at the centre.
+    """
+    a = np.asarray(gray, dtype=np.float32)
+    if a.ndim == 3:
+        a = a[..., :3].mean(axis=2) if a.shape[2] >= 3 else a[..., 0]
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ImageError(f"expected a 2-D grayscale image, got shape {list(a.shape)}")
+    if not np.isfinite(a).all():
+        raise ImageError("image contains NaN or infinite values")
+
+    # Polarity: the border is mostly background. Dark-on-light pictures are inverted.
+    border = np.concatenate([a[0, :], a[-1, :], a[:, 0], a[:, -1]])
+    bg = float(np.median(border))
+    ink = (255.0 - a) if bg > 127.5 else a
+    bg_level = (255.0 - bg) if bg > 127.5 else bg
+
+    ink = ink - bg_level
+    peak = float(ink.max())
+    if peak < 16.0:
+        raise ImageError(
+            f"image {a.shape[1]}x{a.shape[0]} has no visible ink: its darkest and lightest pixels "
+            f"differ from the background by less than 16 of 255; expected a digit"
+        )
+    ink = np.clip(ink * (255.0 / peak), 0.0, 255.0)
+
+    # Crop to the ink; a low threshold so faint anti-aliased edges stay, noise goes.
+    mask = ink > 0.2 * 255.0
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    # Drop the faint haze below the threshold outside strokes (JPEG ringing, paper texture).
+    crop = np.where(crop > 0.1 * 255.0, crop, 0.0)
+
+    h, w = crop.shape
+    scale = BOX / max(h, w)
+    new_w = max(1, min(BOX, int(round(w * scale))))
+    new_h = max(1, min(BOX, int(round(h * scale))))
+    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BILINEAR
+    fitted = Image.fromarray(np.ascontiguousarray(crop, dtype=np.float32)).resize((new_w, new_h), resample)
+    box = np.clip(np.asarray(fitted, dtype=np.float32), 0.0, 255.0)
+
+    # Centre of mass of the fitted digit goes to the centre of the 28x28 field.
+    total = float(box.sum())
+    ys, xs = np.indices(box.shape, dtype=np.float64)
+    cy = float((ys * box).sum() / total) if total > 0 else (new_h - 1) / 2
+    cx = float((xs * box).sum() / total) if total > 0 else (new_w - 1) / 2
+    top = int(round((SIZE - 1) / 2 - cy))
+    left = int(round((SIZE - 1) / 2 - cx))
+    # Keep the whole box inside the field (a lopsided digit could otherwise be cut).
+    top = min(max(top, 0), SIZE - new_h)
+    left = min(max(left, 0), SIZE - new_w)
+    out = np.zeros((SIZE, SIZE), dtype=np.float32)
+    out[top : top + new_h, left : left + new_w] = box
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def normalize_encoded(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, BMP, PGM) -> normalised 28x28 uint8."""
+    return normalize(decode(data, limits))
+
+
+def normalize_pil(img: Image.Image) -> np.ndarray:
+    """A Pillow image already in memory -> normalised 28x28 uint8."""
+    return normalize(to_gray(ImageOps.exif_transpose(img) or img))

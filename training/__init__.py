@@ -1,0 +1,1 @@
+"""Training stage: data, model, training loop. Importing this package does not import torch."""

@@ -1,0 +1,339 @@
+"""Train the MLP on MNIST and write a checkpoint: `mnist-edge train`.
+
+`train(cfg) -> TrainResult` is the whole stage; `main()` is a thin argparse shell
+around it. Training is deterministic for a given seed on a given machine: the model
+init and dropout use torch's global generator seeded from `seed`, shuffling and
+augmentation use their own generator, and torch runs in deterministic mode with a
+fixed thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training import data as mnist_data
+from training.model import MLP, ModelConfig
+
+FORMAT_VERSION = 1
+DEFAULT_OUT = "runs/mnist.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3  # peak of the one-cycle schedule
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    seed: int = 0
+    augment: bool = True
+    rotate_deg: float = 10.0
+    scale: float = 0.1  # zoom in [1 - scale, 1 + scale]
+    shear_deg: float = 8.0
+    translate_px: float = 2.0
+    thickness_p: float = 0.0  # probability of a random stroke dilation or erosion
+    limit: int | None = None  # train on the first N images only (smoke runs)
+    threads: int = 2
+    data_dir: str | None = None
+    offline: bool = False
+    out: str = DEFAULT_OUT
+    eval_proxy: bool = True
+    progress: bool | None = None  # None: a bar only on a terminal
+
+
+@dataclass
+class TrainResult:
+    checkpoint: dict[str, Any]
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Random affine (rotation, zoom, shear, shift) and stroke-width change, per image.
+
+    x: float pixels [N, 28, 28] in 0..255. Runs on whole batches with affine_grid and
+    grid_sample, so it costs little next to the model step.
+    """
+    n = x.shape[0]
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(n, generator=gen) * (hi - lo) + lo
+
+    angle = uniform(-cfg.rotate_deg, cfg.rotate_deg) * (math.pi / 180)
+    shear = uniform(-cfg.shear_deg, cfg.shear_deg) * (math.pi / 180)
+    zoom = uniform(1 - cfg.scale, 1 + cfg.scale)
+    # affine_grid works in output->input coordinates normalised to [-1, 1] (28 px = 2 units).
+    tx = uniform(-cfg.translate_px, cfg.translate_px) * (2 / 28)
+    ty = uniform(-cfg.translate_px, cfg.translate_px) * (2 / 28)
+    cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = cos / zoom
+    theta[:, 0, 1] = (-sin + cos * tan) / zoom
+    theta[:, 1, 0] = sin / zoom
+    theta[:, 1, 1] = (cos + sin * tan) / zoom
+    theta[:, 0, 2] = tx
+    theta[:, 1, 2] = ty
+    img = x.unsqueeze(1)
+    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if cfg.thickness_p > 0:
+        pick = torch.rand(n, generator=gen)
+        dilate = pick < cfg.thickness_p / 2
+        erode = (pick >= cfg.thickness_p / 2) & (pick < cfg.thickness_p)
+        if dilate.any():
+            out[dilate] = F.max_pool2d(out[dilate], 3, stride=1, padding=1)
+        if erode.any():
+            out[erode] = -F.max_pool2d(-out[erode], 3, stride=1, padding=1)
+    return out.squeeze(1)
+
+
+@torch.no_grad()
+def evaluate(model: MLP, images: np.ndarray, labels: np.ndarray, batch: int = 2000) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of `model` on uint8 images [N,28,28]."""
+    model.eval()
+    x = torch.from_numpy(np.array(images))
+    y = torch.from_numpy(labels.astype(np.int64))
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(x), batch):
+        logits = model(x[i : i + batch])
+        loss_sum += float(F.cross_entropy(logits, y[i : i + batch], reduction="sum"))
+        correct += int((logits.argmax(1) == y[i : i + batch]).sum())
+    n = max(len(x), 1)
+    return {"accuracy": correct / n, "loss": loss_sum / n}
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:  # the bar is a nicety; training works without it
+        return None
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=(not enabled) if enabled is not None else None, file=sys.stderr)
+
+
+def _atomic_save(obj: dict[str, Any], path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    mnist_data.atomic_write(path, buf.getvalue())
+
+
+def _proxy_accuracy(model: MLP, log) -> dict[str, Any]:
+    try:
+        from training import proxy
+    except ImportError as exc:
+        return {"available": False, "reason": f"training.proxy not importable: {exc}"}
+    results: dict[str, Any] = {"available": True}
+    try:
+        for subset in ("tune", "holdout"):
+            images, labels, _ = proxy.build_proxy_set(subset=subset)
+            results[subset] = evaluate(model, images, labels)["accuracy"]
+    except proxy.ProxyUnavailable as exc:
+        log(f"proxy set unavailable: {exc}")
+        return {"available": False, "reason": str(exc)}
+    return results
+
+
+def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, dataset: mnist_data.Mnist | None = None, log=print) -> TrainResult:
+    """Train one model from `cfg`; write its checkpoint to `cfg.out` atomically."""
+    model_cfg = model_cfg or ModelConfig()
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    ds = dataset or mnist_data.load(cfg.data_dir, offline=cfg.offline, log=log)
+    train_x = torch.from_numpy(np.array(ds.train.images))  # a writable copy
+    train_y = torch.from_numpy(ds.train.labels.astype(np.int64))
+    if cfg.limit is not None:
+        train_x, train_y = train_x[: cfg.limit], train_y[: cfg.limit]
+    n = len(train_x)
+    if n == 0:
+        raise ValueError("no training images (check --limit)")
+
+    model = MLP(model_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            x = train_x[idx].to(torch.float32)
+            y = train_y[idx]
+            if cfg.augment:
+                x = _augment(x, cfg, gen)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(idx)
+            if bar is not None:
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        if bar is not None:
+            bar.close()
+        test = evaluate(model, ds.test.images, ds.test.labels)
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "train_accuracy": correct / seen,
+            "test_loss": test["loss"],
+            "test_accuracy": test["accuracy"],
+            "elapsed_s": time.perf_counter() - started,
+        }
+        history.append(row)
+        log(
+            f"epoch {epoch:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+            f"test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.4f}  [{row['elapsed_s']:.0f}s]"
+        )
+
+    train_seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = {
+        "test_accuracy": history[-1]["test_accuracy"],
+        "test_loss": history[-1]["test_loss"],
+        "train_seconds": train_seconds,
+        "train_images": n,
+        "history": history,
+    }
+    if cfg.eval_proxy:
+        metrics["proxy"] = _proxy_accuracy(model, log)
+
+    model.eval()
+    checkpoint: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model_config": model_cfg.to_dict(),
+        "train_config": asdict(cfg),
+        "state_dict": model.state_dict(),
+        "metrics": metrics,
+        "data_sha256": dict(ds.sha256),
+        "versions": {"torch": str(torch.__version__), "numpy": np.__version__, "python": platform.python_version()},
+    }
+    out = Path(cfg.out)
+    _atomic_save(checkpoint, out)
+    log(f"test accuracy {metrics['test_accuracy']:.4f} after {cfg.epochs} epochs in {train_seconds:.0f}s; checkpoint {out}")
+    if cfg.eval_proxy and metrics["proxy"].get("available"):
+        log(f"proxy set accuracy: tune {metrics['proxy']['tune']:.4f}, holdout {metrics['proxy']['holdout']:.4f}")
+    return TrainResult(checkpoint=checkpoint, path=out, metrics=metrics)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[MLP, dict[str, Any]]:
+    """Load a checkpoint safely (weights_only) and rebuild the model from its own config."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format_version {version!r}, expected {FORMAT_VERSION}")
+    model = MLP(ModelConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt
+
+
+def _parse_hidden(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated widths like 512,256,128, got {text!r}") from None
+    if len(widths) != 3:
+        raise argparse.ArgumentTypeError(f"expected exactly three hidden widths (the depth is fixed), got {text!r}")
+    return widths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    m = ModelConfig()
+    p = argparse.ArgumentParser(
+        prog="mnist-edge train",
+        description="Train the MNIST MLP and write a checkpoint (weights, config, metrics, data hashes).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {d.epochs}; 1 with --smoke)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (one-cycle schedule, AdamW)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing")
+    p.add_argument("--hidden", type=_parse_hidden, default=m.hidden, help="the three hidden widths, e.g. 512,256,128")
+    p.add_argument("--dropout", type=float, default=m.dropout, help="dropout after each hidden layer")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (same seed, same machine: same weights)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment, help="random affine augmentation")
+    p.add_argument("--rotate-deg", type=float, default=d.rotate_deg, help="augmentation: max rotation, degrees")
+    p.add_argument("--scale", type=float, default=d.scale, help="augmentation: max zoom change (fraction)")
+    p.add_argument("--shear-deg", type=float, default=d.shear_deg, help="augmentation: max shear, degrees")
+    p.add_argument("--translate-px", type=float, default=d.translate_px, help="augmentation: max shift, pixels")
+    p.add_argument("--thickness-p", type=float, default=d.thickness_p, help="augmentation: probability of a stroke-width change")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N training images only (smoke runs)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (fixed, for determinism)")
+    p.add_argument("--data-dir", default=None, help="directory holding the four MNIST IDX files (else MNIST_EDGE_DATA_DIR, the cache, then download)")
+    p.add_argument("--offline", action="store_true", help="never download; use only --data-dir and the cache")
+    p.add_argument("--out", default=d.out, help="checkpoint path (written atomically)")
+    p.add_argument("--eval-proxy", action=argparse.BooleanOptionalAction, default=d.eval_proxy, help="report accuracy on the font-rendered proxy set")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: only on a terminal)")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run for tests and CI: --epochs 1 --limit 2000 unless given")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
+    epochs, limit = args.epochs, args.limit
+    if epochs is None:
+        epochs = 1 if args.smoke else TrainConfig.epochs
+    if args.smoke and limit is None:
+        limit = 2000
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        seed=args.seed,
+        augment=args.augment,
+        rotate_deg=args.rotate_deg,
+        scale=args.scale,
+        shear_deg=args.shear_deg,
+        translate_px=args.translate_px,
+        thickness_p=args.thickness_p,
+        limit=limit,
+        threads=args.threads,
+        data_dir=args.data_dir,
+        offline=args.offline,
+        out=args.out,
+        eval_proxy=args.eval_proxy,
+        progress=args.progress,
+    )
+    return cfg, ModelConfig(hidden=tuple(args.hidden), dropout=args.dropout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg, model_cfg = config_from_args(args)
+    try:
+        train(cfg, model_cfg)
+    except mnist_data.DataError as exc:
+        print(f"mnist-edge train: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
