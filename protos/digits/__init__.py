@@ -1,0 +1,1 @@
+"""mnist-edge native device API (protobuf package ``digits``)."""

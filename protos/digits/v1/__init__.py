@@ -1,0 +1,1 @@
+"""DigitClassifier v1 (protobuf package ``digits.v1``)."""
