@@ -45,6 +45,9 @@ class TrainConfig:
     shear_deg: float = 8.0
     translate_px: float = 2.0
     thickness_p: float = 0.0  # probability of a random stroke dilation or erosion
+    elastic_alpha: float = 0.0  # elastic distortion strength in pixels (0 = off)
+    elastic_sigma: float = 4.0  # smoothness of the elastic displacement field, pixels
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
     limit: int | None = None  # train on the first N images only (smoke runs)
     threads: int = 2
     data_dir: str | None = None
@@ -88,6 +91,8 @@ def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.T
     theta[:, 1, 2] = ty
     img = x.unsqueeze(1)
     grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+    if cfg.elastic_alpha > 0:
+        grid = grid + _elastic_field(n, cfg.elastic_alpha, cfg.elastic_sigma, gen)
     out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if cfg.thickness_p > 0:
         pick = torch.rand(n, generator=gen)
@@ -98,6 +103,21 @@ def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.T
         if erode.any():
             out[erode] = -F.max_pool2d(-out[erode], 3, stride=1, padding=1)
     return out.squeeze(1)
+
+
+def _elastic_field(n: int, alpha: float, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    """Smooth random displacements (Simard et al. 2003), as offsets in affine_grid's units."""
+    radius = max(1, int(round(2 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    d = torch.rand(n * 2, 1, 28, 28, generator=gen) * 2 - 1
+    d = F.conv2d(F.pad(d, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    d = F.conv2d(F.pad(d, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    # Normalise the field to unit peak per image so alpha is the largest shift in pixels.
+    d = d.view(n, 2, 28, 28)
+    d = d / d.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (d * (alpha * 2 / 28)).permute(0, 2, 3, 1)
 
 
 @torch.no_grad()
@@ -163,6 +183,11 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, dataset: mnist
         raise ValueError("no training images (check --limit)")
 
     model = MLP(model_cfg)
+    averaged = (
+        torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
+        if cfg.ema > 0
+        else None
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
@@ -186,6 +211,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, dataset: mnist
             loss.backward()
             opt.step()
             sched.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(idx)
@@ -195,7 +222,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, dataset: mnist
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
         if bar is not None:
             bar.close()
-        test = evaluate(model, ds.test.images, ds.test.labels)
+        final = averaged.module if averaged is not None else model
+        test = evaluate(final, ds.test.images, ds.test.labels)
         row = {
             "epoch": epoch,
             "train_loss": loss_sum / seen,
@@ -218,6 +246,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, dataset: mnist
         "train_images": n,
         "history": history,
     }
+    model = averaged.module if averaged is not None else model
     if cfg.eval_proxy:
         metrics["proxy"] = _proxy_accuracy(model, log)
 
@@ -283,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shear-deg", type=float, default=d.shear_deg, help="augmentation: max shear, degrees")
     p.add_argument("--translate-px", type=float, default=d.translate_px, help="augmentation: max shift, pixels")
     p.add_argument("--thickness-p", type=float, default=d.thickness_p, help="augmentation: probability of a stroke-width change")
+    p.add_argument("--elastic-alpha", type=float, default=d.elastic_alpha, help="augmentation: elastic distortion, max shift in pixels (0 = off)")
+    p.add_argument("--elastic-sigma", type=float, default=d.elastic_sigma, help="augmentation: elastic field smoothness, pixels")
+    p.add_argument("--ema", type=float, default=d.ema, help="decay of the weights' moving average that is evaluated and saved (0 = off)")
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images only (smoke runs)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (fixed, for determinism)")
     p.add_argument("--data-dir", default=None, help="directory holding the four MNIST IDX files (else MNIST_EDGE_DATA_DIR, the cache, then download)")
@@ -313,6 +345,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig
         shear_deg=args.shear_deg,
         translate_px=args.translate_px,
         thickness_p=args.thickness_p,
+        elastic_alpha=args.elastic_alpha,
+        elastic_sigma=args.elastic_sigma,
+        ema=args.ema,
         limit=limit,
         threads=args.threads,
         data_dir=args.data_dir,
