@@ -1,0 +1,1 @@
+"""The gRPC inference server: onnxruntime on CPU. Imports neither torch nor onnx."""

@@ -1,0 +1,264 @@
+"""Dynamic batching with no batching thread: the caller that finds the batcher idle runs.
+
+Policy (DESIGN.md "Processes and speed"):
+- a request runs at once when the batcher is idle: the calling thread itself runs the
+  model, so an unloaded server adds no thread hand-off to a call;
+- requests that arrive while a batch runs wait in a FIFO queue; when the batch ends,
+  the running thread hands the "leader" role to the oldest waiting request, whose
+  thread takes every queued image up to `max_batch_size` and runs them as one batch;
+- `max_queue_delay_us` is extra time a leader may wait for more requests to fill a
+  batch (0 by default);
+- a request larger than `max_batch_size` runs alone, never split;
+- the queue is bounded in images (`max_queue`): a request that would overflow it is
+  refused at once with RESOURCE_EXHAUSTED, without waiting;
+- a request whose deadline passes (or whose caller cancels) while queued is dropped
+  before compute, with DEADLINE_EXCEEDED (or CANCELLED).
+
+Each request keeps its own slot: results are cut from the batch output by offset and
+handed to exactly the request that owns them. Knows nothing about gRPC.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
+
+RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+Result = tuple[np.ndarray, np.ndarray, object]  # probabilities, digits, tag of the model that ran
+
+_QUEUED, _LEADER, _RUNNING, _DONE = range(4)
+
+
+class _Pending:
+    __slots__ = ("pixels", "n", "deadline", "is_cancelled", "event", "state", "result", "error", "enqueued")
+
+    def __init__(self, pixels: np.ndarray, deadline: float | None, is_cancelled: Callable[[], bool] | None, now: float) -> None:
+        self.pixels = pixels
+        self.n = int(pixels.shape[0])
+        self.deadline = deadline
+        self.is_cancelled = is_cancelled
+        self.event = threading.Event()
+        self.state = _QUEUED
+        self.result: Result | None = None
+        self.error: BaseException | None = None
+        self.enqueued = now
+
+
+@dataclass
+class BatchStats:
+    """Counters the metrics layer reads; updated under the batcher's lock."""
+
+    batches: int = 0
+    images: int = 0
+    requests: int = 0
+    rejected_full: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.images / self.batches if self.batches else 0.0
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: RunFn,
+        *,
+        max_batch_size: int = 256,
+        max_queue: int = 4096,
+        max_queue_delay_us: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        on_batch: Callable[[int, list[float], float], None] | None = None,
+    ) -> None:
+        self._run = run
+        self._tag: object = None
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_queue_delay_s = max_queue_delay_us / 1e6
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._arrival = threading.Condition(self._lock)
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_images = 0
+        self._busy = False
+        self.stats = BatchStats()
+        self._on_batch = on_batch
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def set_runner(self, run: RunFn, tag: object = None) -> None:
+        """Swap the model function; batches already running finish on the old one.
+
+        `tag` (e.g. the model's version) comes back with every result computed by `run`.
+        """
+        self._run, self._tag = run, tag
+
+    def infer(
+        self,
+        pixels: np.ndarray,
+        deadline: float | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> Result:
+        """Run `pixels` (uint8 [N,28,28]) through the model, batched with concurrent callers.
+
+        `deadline` is on this batcher's clock (time.monotonic by default).
+        """
+        now = self._clock()
+        p = _Pending(pixels, deadline, is_cancelled, now)
+        with self._lock:
+            if self._queued_images + p.n > self.max_queue:
+                self.stats.rejected_full += 1
+                raise ResourceExhausted(
+                    f"server queue is full: {self._queued_images} images waiting, this request adds {p.n}, "
+                    f"limit {self.max_queue} (--max-queue); retry later"
+                )
+            self._queue.append(p)
+            self._queued_images += p.n
+            self.stats.requests += 1
+            if self._busy:
+                self._arrival.notify()
+                lead = False
+            else:
+                self._busy = True
+                p.state = _LEADER
+                lead = True
+        if not lead:
+            lead = self._wait(p)
+        if lead:
+            self._lead()
+        if p.error is not None:
+            raise p.error
+        assert p.result is not None
+        return p.result
+
+    def _wait(self, p: _Pending) -> bool:
+        """Wait for our result or for the leader role; True when we must lead."""
+        while True:
+            timeout = None if p.deadline is None else max(0.0, p.deadline - self._clock())
+            fired = p.event.wait(timeout)
+            with self._lock:
+                if p.state == _LEADER:
+                    return True
+                if p.state == _DONE:
+                    return False
+                if not fired and p.state == _QUEUED:
+                    # Deadline passed while queued: drop it, never compute it.
+                    self._queue.remove(p)
+                    self._queued_images -= p.n
+                    self.stats.expired += 1
+                    p.state = _DONE
+                    p.error = DeadlineExceeded(
+                        f"deadline passed after {self._clock() - p.enqueued:.3f}s in the queue; the request was dropped before compute"
+                    )
+                    return False
+                # Taken into a running batch: it will finish; wait without a timeout.
+                p.event.clear()
+                if p.state == _RUNNING:
+                    p.deadline = None
+
+    def _take(self) -> list[_Pending]:
+        """Under the lock: the next batch, FIFO, dropping expired and cancelled requests."""
+        now = self._clock()
+        batch: list[_Pending] = []
+        total = 0
+        q = self._queue
+        while q:
+            head = q[0]
+            if head.deadline is not None and now >= head.deadline:
+                self._drop(q.popleft(), DeadlineExceeded(f"deadline passed after {now - head.enqueued:.3f}s in the queue; dropped before compute"))
+                self.stats.expired += 1
+                continue
+            if head.is_cancelled is not None and head.is_cancelled():
+                self._drop(q.popleft(), Cancelled("the caller cancelled the request while it was queued"))
+                self.stats.cancelled += 1
+                continue
+            if batch and total + head.n > self.max_batch_size:
+                break
+            q.popleft()
+            self._queued_images -= head.n
+            head.state = _RUNNING if head.state != _LEADER else _LEADER
+            batch.append(head)
+            total += head.n
+            if total >= self.max_batch_size:
+                break
+        return batch
+
+    def _drop(self, p: _Pending, error: BaseException) -> None:
+        self._queued_images -= p.n
+        p.error = error
+        if p.state != _LEADER:
+            p.state = _DONE
+            p.event.set()
+
+    def _lead(self) -> None:
+        with self._lock:
+            if self.max_queue_delay_s > 0:
+                end = self._clock() + self.max_queue_delay_s
+                while self._queued_images < self.max_batch_size:
+                    left = end - self._clock()
+                    if left <= 0:
+                        break
+                    self._arrival.wait(left)
+            batch = self._take()
+        if batch:
+            self._execute(batch)
+        with self._lock:
+            # Hand over: the oldest live waiting request becomes the next leader.
+            now = self._clock()
+            while self._queue:
+                head = self._queue[0]
+                if head.deadline is not None and now >= head.deadline:
+                    self._drop(self._queue.popleft(), DeadlineExceeded(f"deadline passed after {now - head.enqueued:.3f}s in the queue; dropped before compute"))
+                    self.stats.expired += 1
+                elif head.is_cancelled is not None and head.is_cancelled():
+                    self._drop(self._queue.popleft(), Cancelled("the caller cancelled the request while it was queued"))
+                    self.stats.cancelled += 1
+                else:
+                    head.state = _LEADER
+                    head.event.set()
+                    break
+            else:
+                self._busy = False
+
+    def _execute(self, batch: list[_Pending]) -> None:
+        start = self._clock()
+        x = batch[0].pixels if len(batch) == 1 else np.concatenate([p.pixels for p in batch])
+        run, tag = self._run, self._tag
+        try:
+            probs, digits = run(x)
+        except BaseException as exc:  # noqa: BLE001 - every caller in the batch gets the error
+            for p in batch:
+                p.error = exc
+        else:
+            offset = 0
+            for p in batch:
+                p.result = (probs[offset : offset + p.n], digits[offset : offset + p.n], tag)
+                offset += p.n
+        end = self._clock()
+        queue_times = [start - p.enqueued for p in batch]
+        with self._lock:
+            s = self.stats
+            s.batches += 1
+            s.images += int(x.shape[0])
+            s.batch_sizes[int(x.shape[0])] += 1
+            s.queue_seconds += sum(queue_times)
+            s.compute_seconds += end - start
+            for p in batch:
+                if p.state != _LEADER:
+                    p.state = _DONE
+                    p.event.set()
+        if self._on_batch is not None:
+            self._on_batch(int(x.shape[0]), queue_times, end - start)

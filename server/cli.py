@@ -1,0 +1,40 @@
+"""`mnist-edge serve`: settings from flags and MNIST_EDGE_*, signals, exit codes.
+
+Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the model fails to load
+or verify, 2 for bad settings or an address that cannot be bound.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from server import logs, settings as settings_mod
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_mod.from_args(argv)
+    logs.setup(settings.log_format, settings.log_level)
+    from server.app import App, BindError
+
+    try:
+        app = App(settings)
+    except BindError as exc:
+        logs.event("bind_failed", str(exc), 40)
+        return 2
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        name = signal.Signals(signum).name
+        threading.Thread(target=app.shutdown, args=(name,), name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    app.start()
+    while not app.wait(0.5):
+        pass
+    return app.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

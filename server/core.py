@@ -1,0 +1,96 @@
+"""The serving core shared by every API: lifecycle state, the loaded model, the batcher.
+
+Servicers decode a request into arrays, call `Core.classify`, and encode the result;
+the core knows nothing about protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from server.batching import Batcher
+from server.errors import NotFound, Unavailable
+from server.model_store import LoadedModel
+from server.settings import Settings
+
+
+class State(str, enum.Enum):
+    LOADING = "loading"  # port open, model not verified yet: readiness NOT_SERVING, inference UNAVAILABLE
+    SERVING = "serving"
+    DRAINING = "draining"  # SIGTERM seen: readiness NOT_SERVING, new calls still served (--drain-delay-s)
+    STOPPING = "stopping"  # new calls refused with UNAVAILABLE; calls in flight finish (--grace-s)
+    FAILED = "failed"  # the model could not be loaded or verified
+
+
+class Core:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = State.LOADING
+        self.model: LoadedModel | None = None
+        self.failure: str | None = None
+        self._listeners: list[Callable[[State], None]] = []
+        self._lock = threading.Lock()
+        self.batcher = Batcher(
+            self._run_unloaded,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            max_queue_delay_us=settings.max_queue_delay_us,
+        )
+
+    # lifecycle -----------------------------------------------------------------
+    def on_state(self, listener: Callable[[State], None]) -> None:
+        self._listeners.append(listener)
+
+    def set_state(self, state: State) -> None:
+        with self._lock:
+            self.state = state
+        for listener in self._listeners:
+            listener(state)
+
+    def set_model(self, model: LoadedModel) -> None:
+        """Install a verified model; batches already running finish on the previous one."""
+        with self._lock:
+            self.model = model
+            self.batcher.set_runner(model.runner.run, model)
+
+    @staticmethod
+    def _run_unloaded(pixels: np.ndarray):
+        raise Unavailable("the model is not loaded yet; retry shortly")
+
+    # per-call checks -----------------------------------------------------------
+    def serving_model(self) -> LoadedModel:
+        """The model to answer with, or UNAVAILABLE while loading or stopping."""
+        state = self.state
+        model = self.model
+        if model is None or state is State.LOADING or state is State.FAILED:
+            raise Unavailable("the server is starting: the model is not loaded and verified yet; retry shortly")
+        if state is State.STOPPING:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        return model
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.SERVING
+
+    def check_model(self, name: str, version: str) -> LoadedModel:
+        model = self.serving_model()
+        if name != model.name:
+            raise NotFound(f"unknown model {name!r}; this server serves {model.name!r}")
+        if version and version != model.version:
+            raise NotFound(f"model {name!r} has no version {version!r}; the version served is {model.version!r}")
+        return model
+
+    def classify(
+        self,
+        pixels: np.ndarray,
+        remaining_s: float | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, LoadedModel]:
+        """Batched inference; returns probabilities, digits and the model that computed them."""
+        deadline = None if remaining_s is None else time.monotonic() + remaining_s
+        return self.batcher.infer(pixels, deadline, is_cancelled)

@@ -1,0 +1,138 @@
+"""Find, verify and load the model a server serves.
+
+The manifest is the only file trusted (DESIGN.md): every model file it names is
+checked against its size and sha256, and the model must classify the manifest's
+golden images as recorded before it may serve. A failure raises ModelLoadError
+with a sentence saying what did not match.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.runner import ModelRunner
+
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.json.sig"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    precision: str
+    sha256: str
+    file: Path
+    runner: ModelRunner
+    manifest: dict[str, Any] = field(repr=False)
+    pixel_convention: str = ""
+    labels: list[str] = field(default_factory=lambda: [str(d) for d in range(10)])
+
+
+def default_model_path() -> Path:
+    """The shipped model: a checkout's models/ first, else the copy the wheel carries."""
+    checkout = Path(__file__).resolve().parent.parent / "models"
+    if (checkout / MANIFEST).is_file():
+        return checkout
+    try:
+        packaged = resources.files("mnist_edge") / "models"
+        if packaged.joinpath(MANIFEST).is_file():
+            return Path(str(packaged))
+    except (ModuleNotFoundError, FileNotFoundError):
+        pass
+    raise ModelLoadError(
+        "no shipped model found (neither a checkout's models/ nor the installed package's); pass --model PATH"
+    )
+
+
+def resolve_manifest(path: str | os.PathLike | None) -> Path:
+    p = default_model_path() if path is None else Path(path)
+    mpath = p / MANIFEST if p.is_dir() else p
+    if not mpath.is_file():
+        raise ModelLoadError(f"{mpath}: no manifest.json there (--model takes a manifest file or the directory holding it)")
+    return mpath
+
+
+def read_manifest(mpath: Path) -> tuple[dict[str, Any], bytes]:
+    raw = mpath.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{mpath}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != 1:
+        raise ModelLoadError(f"{mpath}: schema_version {manifest.get('schema_version') if isinstance(manifest, dict) else None!r}, expected 1")
+    for key in ("model_name", "version", "default", "models", "golden"):
+        if key not in manifest:
+            raise ModelLoadError(f"{mpath}: missing field {key!r}")
+    if not str(manifest["version"]).isdigit():
+        raise ModelLoadError(f"{mpath}: version {manifest['version']!r} is not an integer")
+    return manifest, raw
+
+
+def golden(manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    images, digits = [], []
+    for i, g in enumerate(manifest["golden"]):
+        data = base64.b64decode(g["pixels"])
+        if len(data) != 784:
+            raise ModelLoadError(f"golden image {i}: {len(data)} bytes, expected 784")
+        images.append(np.frombuffer(data, dtype=np.uint8).reshape(28, 28))
+        digits.append(int(g["digit"]))
+    if not images:
+        raise ModelLoadError("the manifest has no golden images to self-test with")
+    return np.stack(images), np.asarray(digits, dtype=np.int64)
+
+
+def load(path: str | os.PathLike | None = None, precision: str | None = None, intra_op_threads: int = 1) -> LoadedModel:
+    """Verify and load; raise ModelLoadError naming what failed."""
+    mpath = resolve_manifest(path)
+    manifest, _ = read_manifest(mpath)
+    kind = precision or manifest["default"]
+    entry = manifest["models"].get(kind)
+    if entry is None:
+        raise ModelLoadError(f"{mpath}: no model entry {kind!r}; the manifest has {sorted(manifest['models'])}")
+    file = mpath.parent / entry["file"]
+    if Path(entry["file"]).name != entry["file"]:
+        raise ModelLoadError(f"{mpath}: model file name {entry['file']!r} must be a plain file name in the same directory")
+    if not file.is_file():
+        raise ModelLoadError(f"{file}: missing (named by {mpath})")
+    data = file.read_bytes()
+    if len(data) != entry["bytes"]:
+        raise ModelLoadError(f"{file}: {len(data)} bytes, manifest says {entry['bytes']}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise ModelLoadError(f"{file}: sha256 {digest} does not match the manifest's {entry['sha256']}; refusing to serve it")
+    try:
+        runner = ModelRunner(data, intra_op_threads=intra_op_threads)
+    except Exception as exc:
+        raise ModelLoadError(f"{file}: onnxruntime could not load it: {exc}") from None
+    images, digits = golden(manifest)
+    got = runner.run(images)[1]
+    wrong = np.flatnonzero(got != digits)
+    if wrong.size:
+        detail = ", ".join(f"#{i} expected {digits[i]} got {got[i]}" for i in wrong[:5])
+        raise ModelLoadError(f"{file}: self-test failed on {wrong.size} of {len(digits)} golden images ({detail}); refusing to serve it")
+    runner.warm_up()
+    return LoadedModel(
+        name=manifest["model_name"],
+        version=str(manifest["version"]),
+        precision=entry.get("precision", kind),
+        sha256=digest,
+        file=file,
+        runner=runner,
+        manifest=manifest,
+        pixel_convention=manifest.get("input", {}).get("pixel_convention", ""),
+        labels=list(manifest.get("labels") or [str(d) for d in range(10)]),
+    )

@@ -1,0 +1,43 @@
+"""The onnxruntime session: uint8 pixels in, probabilities and digits out.
+
+Knows nothing about gRPC; the batcher and the tests drive it with arrays alone.
+Threads are explicit: the model is tiny (a 784x256 product is microseconds), so
+parallelism comes from concurrent requests and batching, not from splitting one
+matrix product across cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+INPUT = "pixels"
+OUTPUTS = ["probabilities", "digit"]
+
+
+class ModelRunner:
+    def __init__(self, model: bytes | str, intra_op_threads: int = 1) -> None:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = intra_op_threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Without spinning, an idle worker thread costs no CPU between requests.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        inputs = self.session.get_inputs()
+        names = [o.name for o in self.session.get_outputs()]
+        if [i.name for i in inputs] != [INPUT] or names != OUTPUTS:
+            raise ValueError(f"model has inputs {[i.name for i in inputs]} and outputs {names}, expected ['{INPUT}'] and {OUTPUTS}")
+        if inputs[0].type != "tensor(uint8)":
+            raise ValueError(f"model input '{INPUT}' is {inputs[0].type}, expected tensor(uint8)")
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """pixels uint8 [N, 28, 28] -> (probabilities float32 [N, 10], digits int64 [N])."""
+        probs, digits = self.session.run(OUTPUTS, {INPUT: pixels})
+        return probs, digits
+
+    def warm_up(self, sizes: tuple[int, ...] = (1, 8, 64)) -> None:
+        for n in sizes:
+            self.run(np.zeros((n, 28, 28), dtype=np.uint8))

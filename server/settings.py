@@ -1,0 +1,135 @@
+"""One typed settings object for the server, from flags and MNIST_EDGE_* variables.
+
+Every flag `--some-name` can also be set as MNIST_EDGE_SOME_NAME; a flag on the
+command line wins. Booleans accept 1/0/true/false/yes/no/on/off. Defaults are safe
+for a laptop: 127.0.0.1:50051, reflection on, TLS off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ENV_PREFIX = "MNIST_EDGE_"
+MiB = 1024 * 1024
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = _opt(None, "manifest file or models/ directory (default: the shipped model)")
+    precision: str | None = _opt(None, "manifest entry to serve, e.g. int8 or fp32 (default: the manifest's default)")
+    address: str = _opt("127.0.0.1:50051", "HOST:PORT to listen on (port 0 picks a free port), or unix:PATH")
+    port_file: str | None = _opt(None, "write the bound address here once the port is open (for scripts and tests)")
+    max_request_images: int = _opt(1024, "images per request (advertised as ModelConfig max_batch_size)")
+    max_batch_size: int = _opt(256, "images per executed batch")
+    max_queue_delay_us: int = _opt(0, "extra microseconds the batcher may wait to fill a batch")
+    max_queue: int = _opt(4096, "images waiting in the queue before RESOURCE_EXHAUSTED")
+    max_image_bytes: int = _opt(4 * MiB, "bytes of one encoded image")
+    max_image_pixels: int = _opt(4096 * 4096, "pixels of one decoded image (checked from the header)")
+    max_message_bytes: int = _opt(16 * MiB, "bytes of one gRPC message")
+    grace_s: float = _opt(10.0, "seconds in-flight calls get to finish on shutdown")
+    drain_delay_s: float = _opt(0.0, "seconds new calls are still served after SIGTERM (readiness already NOT_SERVING)")
+    reflection: bool = _opt(True, "gRPC server reflection")
+    intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per session")
+    handler_threads: int = _opt(128, "gRPC handler threads (concurrent calls being served)")
+    max_concurrent_rpcs: int = _opt(1024, "calls accepted at once; more get RESOURCE_EXHAUSTED from gRPC")
+    log_format: str = _opt("json", "log line format: json or text", choices=("json", "text"))
+    log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+
+    def validate(self) -> "Settings":
+        positive = ("max_request_images", "max_batch_size", "max_queue", "max_image_bytes", "max_image_pixels", "max_message_bytes", "intra_op_threads", "handler_threads", "max_concurrent_rpcs")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("max_queue_delay_us", "grace_s", "drain_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.max_queue < self.max_request_images:
+            raise ValueError(
+                f"--max-queue ({self.max_queue}) must be at least --max-request-images ({self.max_request_images}), "
+                "or a largest allowed request could never be queued"
+            )
+        # A full request of FP32 images must fit in one message, with room for framing.
+        need = self.max_request_images * 784 * 4 + 64 * 1024
+        if self.max_message_bytes < need:
+            raise ValueError(
+                f"--max-message-bytes ({self.max_message_bytes}) must be at least {need} to carry "
+                f"{self.max_request_images} FP32 images (--max-request-images) plus framing"
+            )
+        if self.max_message_bytes <= self.max_image_bytes:
+            raise ValueError(
+                f"--max-message-bytes ({self.max_message_bytes}) must exceed --max-image-bytes ({self.max_image_bytes})"
+            )
+        return self
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (1/0/true/false), got {text!r}")
+
+
+def env_name(flag_field: str) -> str:
+    return ENV_PREFIX + flag_field.upper()
+
+
+def build_parser(prog: str = "mnist-edge serve", env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    env = os.environ if env is None else env
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve the MNIST model over gRPC: Open Inference Protocol (KServe v2), digits.v1, health, reflection. "
+        "Every flag can also be set as MNIST_EDGE_<FLAG> (e.g. --max-batch-size -> MNIST_EDGE_MAX_BATCH_SIZE); flags win.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        var = env_name(f.name)
+        help_text = f"{f.metadata['help']} [env {var}]"
+        default = f.default
+        raw = env.get(var)
+        kind = _kind(f)
+        if raw is not None and raw != "":
+            try:
+                default = kind(raw) if kind is not bool else parse_bool(raw)
+            except ValueError as exc:
+                raise SystemExit(f"{prog}: environment variable {var}={raw!r}: {exc}") from None
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            p.add_argument(flag, type=kind, default=default, help=help_text, choices=f.metadata.get("choices"))
+    return p
+
+
+def _kind(f: dataclasses.Field) -> type:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if t.startswith("bool"):
+        return bool
+    if t.startswith("int"):
+        return int
+    if t.startswith("float"):
+        return float
+    return str
+
+
+def from_args(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    parser = build_parser(env=env)
+    ns = parser.parse_args(argv)
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(Settings)}
+    try:
+        return Settings(**values).validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits

@@ -1,0 +1,239 @@
+"""The Open Inference Protocol (KServe v2) as Triton's `inference.GRPCInferenceService`.
+
+Transport at the edge: each RPC is decode -> core -> encode. The codecs turn a
+ModelInferRequest into a uint8 [N,28,28] array (raw or typed contents, UINT8 or FP32,
+[N,28,28] or [N,784]) and the results into raw output bytes; every rejection names
+what was wrong and what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.inference import model_config_pb2 as mc
+from server.core import Core
+from server.errors import InvalidArgument, NotFound, abort, grpc_errors
+
+INPUT = "pixels"
+OUTPUT_NAMES = ("probabilities", "digit")
+PLATFORM = "onnxruntime_onnx"
+PIXELS_PER_IMAGE = 784
+EXTENSIONS = ["model_configuration"]
+
+
+@dataclass
+class DecodedRequest:
+    pixels: np.ndarray  # uint8 [N, 28, 28]
+    outputs: tuple[str, ...]
+    request_id: str
+
+
+def _params_error(where: str, params) -> InvalidArgument:
+    names = ", ".join(sorted(repr(k) for k in params))
+    return InvalidArgument(f"{where} {names} not supported: this server accepts no parameters")
+
+
+def _shape_images(shape, max_images: int) -> int:
+    dims = list(shape)
+    if len(dims) == 3 and dims[1:] == [28, 28]:
+        n = dims[0]
+    elif len(dims) == 2 and dims[1] == PIXELS_PER_IMAGE:
+        n = dims[0]
+    else:
+        raise InvalidArgument(f"input '{INPUT}': shape {dims} not supported, expected [N,28,28] or [N,784]")
+    if n <= 0:
+        raise InvalidArgument(f"input '{INPUT}': shape {dims} holds no images (N={n}), expected N >= 1")
+    if n > max_images:
+        raise InvalidArgument(
+            f"input '{INPUT}': {n} images in one request, over the limit of {max_images} (--max-request-images)"
+        )
+    return n
+
+
+def fp32_to_uint8(x: np.ndarray) -> np.ndarray:
+    """FP32 pixels in [0,1] -> uint8 by clip(floor(x*255 + 0.5), 0, 255); rejects NaN/inf and out of range."""
+    if not np.isfinite(x).all():
+        raise InvalidArgument(f"input '{INPUT}': FP32 pixels contain NaN or infinity; expected values in [0, 1]")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise InvalidArgument(f"input '{INPUT}': FP32 pixel values range over [{lo:g}, {hi:g}], expected values in [0, 1]")
+    return np.clip(np.floor(x * 255.0 + 0.5), 0, 255).astype(np.uint8)
+
+
+def decode_infer(request: pb.ModelInferRequest, max_images: int) -> DecodedRequest:
+    if request.parameters:
+        raise _params_error("request parameters", request.parameters)
+    inputs = request.inputs
+    if len(inputs) != 1 or inputs[0].name != INPUT:
+        names = [i.name for i in inputs]
+        if not names:
+            raise InvalidArgument(f"missing input '{INPUT}': the request has no inputs")
+        unknown = [n for n in names if n != INPUT]
+        if unknown:
+            raise InvalidArgument(f"unknown input {unknown[0]!r}: the model has one input, '{INPUT}'")
+        raise InvalidArgument(f"input '{INPUT}' given {len(names)} times, expected once")
+    tensor = inputs[0]
+    if tensor.parameters:
+        raise _params_error(f"input '{INPUT}' parameters", tensor.parameters)
+    datatype = tensor.datatype
+    if datatype not in ("UINT8", "FP32"):
+        raise InvalidArgument(f"input '{INPUT}': datatype {datatype!r} not supported, expected UINT8 or FP32")
+    n = _shape_images(tensor.shape, max_images)
+    count = n * PIXELS_PER_IMAGE
+    raw_list = request.raw_input_contents
+    has_typed = tensor.HasField("contents")
+    if raw_list:
+        if has_typed:
+            raise InvalidArgument(
+                f"input '{INPUT}': both raw_input_contents and typed contents given; send exactly one of them"
+            )
+        if len(raw_list) != 1:
+            raise InvalidArgument(f"raw_input_contents has {len(raw_list)} entries, expected 1 (one per input)")
+        raw = raw_list[0]
+        itemsize = 1 if datatype == "UINT8" else 4
+        if len(raw) != count * itemsize:
+            raise InvalidArgument(
+                f"input '{INPUT}': expected {PIXELS_PER_IMAGE * itemsize} bytes per image ({n} image{'s' if n != 1 else ''} "
+                f"of {datatype}, {count * itemsize} bytes in all), got {len(raw)}"
+            )
+        if datatype == "UINT8":
+            pixels = np.frombuffer(raw, dtype=np.uint8).reshape(n, 28, 28)
+        else:
+            pixels = fp32_to_uint8(np.frombuffer(raw, dtype="<f4")).reshape(n, 28, 28)
+    elif has_typed:
+        contents = tensor.contents
+        if datatype == "UINT8":
+            values = contents.uint_contents
+            others = [f for f, _ in contents.ListFields() if f.name != "uint_contents"]
+            if others:
+                raise InvalidArgument(f"input '{INPUT}': UINT8 data goes in contents.uint_contents, got {others[0].name}")
+            if len(values) != count:
+                raise InvalidArgument(f"input '{INPUT}': expected {count} values in uint_contents ({n} x 784), got {len(values)}")
+            arr = np.fromiter(values, dtype=np.uint32, count=count)
+            if arr.max(initial=0) > 255:
+                raise InvalidArgument(f"input '{INPUT}': UINT8 value {int(arr.max())} out of range, expected 0-255")
+            pixels = arr.astype(np.uint8).reshape(n, 28, 28)
+        else:
+            values = contents.fp32_contents
+            others = [f for f, _ in contents.ListFields() if f.name != "fp32_contents"]
+            if others:
+                raise InvalidArgument(f"input '{INPUT}': FP32 data goes in contents.fp32_contents, got {others[0].name}")
+            if len(values) != count:
+                raise InvalidArgument(f"input '{INPUT}': expected {count} values in fp32_contents ({n} x 784), got {len(values)}")
+            pixels = fp32_to_uint8(np.fromiter(values, dtype=np.float32, count=count)).reshape(n, 28, 28)
+    else:
+        raise InvalidArgument(f"input '{INPUT}': no data; send raw_input_contents or contents")
+
+    outputs: tuple[str, ...] = OUTPUT_NAMES
+    if request.outputs:
+        names = []
+        for out in request.outputs:
+            if out.name not in OUTPUT_NAMES:
+                raise NotFound(f"unknown output {out.name!r}; the model's outputs are 'probabilities' and 'digit'")
+            if out.parameters:
+                raise _params_error(f"output '{out.name}' parameters", out.parameters)
+            if out.name in names:
+                raise InvalidArgument(f"output {out.name!r} requested twice")
+            names.append(out.name)
+        outputs = tuple(names)
+    return DecodedRequest(pixels=pixels, outputs=outputs, request_id=request.id)
+
+
+def encode_infer(model_name: str, version: str, decoded: DecodedRequest, probs: np.ndarray, digits: np.ndarray) -> pb.ModelInferResponse:
+    n = probs.shape[0]
+    tensors = []
+    raws = []
+    for name in decoded.outputs:
+        if name == "probabilities":
+            tensors.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype="FP32", shape=[n, 10]))
+            raws.append(np.ascontiguousarray(probs, dtype="<f4").tobytes())
+        else:
+            tensors.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype="INT64", shape=[n]))
+            raws.append(np.ascontiguousarray(digits, dtype="<i8").tobytes())
+    return pb.ModelInferResponse(
+        model_name=model_name,
+        model_version=version,
+        id=decoded.request_id,
+        outputs=tensors,
+        raw_output_contents=raws,
+    )
+
+
+def _remaining(context: grpc.ServicerContext) -> float | None:
+    return context.time_remaining()
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: Core, server_version: str) -> None:
+        self.core = core
+        self.server_version = server_version
+
+    def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.core.ready)
+
+    @grpc_errors(pb.ModelReadyResponse)
+    def ModelReady(self, request, context):
+        model = self.core.model
+        if model is None or not self.core.ready:
+            return pb.ModelReadyResponse(ready=False)
+        if request.name != model.name:
+            raise NotFound(f"unknown model {request.name!r}; this server serves {model.name!r}")
+        if request.version and request.version != model.version:
+            raise NotFound(f"model {request.name!r} has no version {request.version!r}; the version served is {model.version!r}")
+        return pb.ModelReadyResponse(ready=True)
+
+    def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="mnist-edge", version=self.server_version, extensions=list(EXTENSIONS))
+
+    @grpc_errors(pb.ModelMetadataResponse)
+    def ModelMetadata(self, request, context):
+        model = self.core.check_model(request.name, request.version)
+        tm = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[model.version],
+            platform=PLATFORM,
+            inputs=[tm(name=INPUT, datatype="UINT8", shape=[-1, 28, 28])],
+            outputs=[tm(name="probabilities", datatype="FP32", shape=[-1, 10]), tm(name="digit", datatype="INT64", shape=[-1])],
+        )
+
+    @grpc_errors(pb.ModelConfigResponse)
+    def ModelConfig(self, request, context):
+        model = self.core.check_model(request.name, request.version)
+        s = self.core.settings
+        config = mc.ModelConfig(
+            name=model.name,
+            platform=PLATFORM,
+            backend="onnxruntime",
+            max_batch_size=s.max_request_images,
+            input=[mc.ModelInput(name=INPUT, data_type=mc.TYPE_UINT8, dims=[28, 28])],
+            output=[
+                mc.ModelOutput(name="probabilities", data_type=mc.TYPE_FP32, dims=[10]),
+                mc.ModelOutput(name="digit", data_type=mc.TYPE_INT64, dims=[1], reshape=mc.ModelTensorReshape(shape=[])),
+            ],
+            dynamic_batching=mc.ModelDynamicBatching(
+                max_queue_delay_microseconds=s.max_queue_delay_us,
+                default_queue_policy=mc.ModelQueuePolicy(max_queue_size=s.max_queue),
+            ),
+            version_policy=mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[int(model.version)])),
+            instance_group=[mc.ModelInstanceGroup(name="cpu", kind=mc.ModelInstanceGroup.KIND_CPU, count=1)],
+        )
+        return pb.ModelConfigResponse(config=config)
+
+    def ModelInfer(self, request, context):
+        try:
+            self.core.check_model(request.model_name, request.model_version)
+            decoded = decode_infer(request, self.core.settings.max_request_images)
+            probs, digits, model = self.core.classify(decoded.pixels, _remaining(context), lambda: not context.is_active())
+            return encode_infer(model.name, model.version, decoded, probs, digits)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status here
+            abort(context, exc, "ModelInfer")
+            return pb.ModelInferResponse()
