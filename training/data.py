@@ -280,3 +280,25 @@ def load(data_dir: str | os.PathLike | None = None, *, offline: bool = False, lo
 def load_test(data_dir: str | os.PathLike | None = None, *, offline: bool = False) -> Split:
     """The 10,000 test images and labels only."""
     return load(data_dir, offline=offline).test
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.data [--data-dir DIR] [--offline]`: fetch, verify and cache MNIST."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m training.data", description="Fetch, sha256-verify and cache the four MNIST IDX files.")
+    p.add_argument("--data-dir", default=None, help="a directory that already holds the files (else MNIST_EDGE_DATA_DIR, the cache, then download)")
+    p.add_argument("--offline", action="store_true", help="never download")
+    args = p.parse_args(argv)
+    try:
+        directory = ensure_files(args.data_dir, offline=args.offline, log=lambda m: print(m, file=sys.stderr))
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"MNIST verified in {directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

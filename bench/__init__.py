@@ -1,0 +1,1 @@
+"""Benchmarks against the transport and compute floors (see DESIGN.md)."""
