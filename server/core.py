@@ -17,6 +17,7 @@ from server.batching import Batcher
 from server.errors import NotFound, Unavailable
 from server.model_store import LoadedModel
 from server.settings import Settings
+from server.stats import Statistics
 
 
 class State(str, enum.Enum):
@@ -35,11 +36,13 @@ class Core:
         self.failure: str | None = None
         self._listeners: list[Callable[[State], None]] = []
         self._lock = threading.Lock()
+        self.stats = Statistics()
         self.batcher = Batcher(
             self._run_unloaded,
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
             max_queue_delay_us=settings.max_queue_delay_us,
+            on_batch=self.stats.record_batch,
         )
 
     # lifecycle -----------------------------------------------------------------

@@ -10,6 +10,8 @@ gets a response carrying `ClassifyResponse.error` and the stream goes on.
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 
@@ -91,11 +93,15 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
         return pb.ClassifyResponse(predictions=predictions, model_version=version, request_id=request.request_id)
 
     def Classify(self, request, context):
+        t0 = time.perf_counter_ns()
         try:
-            return self._classify(request, context)
+            response = self._classify(request, context)
         except Exception as exc:  # noqa: BLE001 - mapped to a status here
             abort(context, exc, "Classify")
+            self.core.stats.record_request("native", status_of(exc).name, time.perf_counter_ns() - t0)
             return pb.ClassifyResponse()
+        self.core.stats.record_request("native", "OK", time.perf_counter_ns() - t0)
+        return response
 
     def ClassifyStream(self, request_iterator, context):
         for request in request_iterator:
@@ -103,15 +109,20 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
                 # Shutdown is one of the two things that end a stream (authentication is the other).
                 abort(context, Unavailable("the server is shutting down; reconnect to another replica"), "ClassifyStream")
                 return
+            t0 = time.perf_counter_ns()
             try:
-                yield self._classify(request, context)
+                response = self._classify(request, context)
             except Exception as exc:  # noqa: BLE001 - a failed message does not end the stream
+                self.core.stats.record_request("native_stream", status_of(exc).name, time.perf_counter_ns() - t0)
                 if not isinstance(exc, ServingError):
                     log.error("unexpected error in ClassifyStream", exc_info=exc)
                     message = f"internal error: {type(exc).__name__}; the server logged the traceback"
                 else:
                     message = exc.message
                 yield pb.ClassifyResponse(request_id=request.request_id, error=_error(status_of(exc), message))
+                continue
+            self.core.stats.record_request("native_stream", "OK", time.perf_counter_ns() - t0)
+            yield response
 
     @grpc_errors(pb.ModelInfo)
     def GetModelInfo(self, request, context):

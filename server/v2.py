@@ -8,6 +8,7 @@ what was wrong and what was expected.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -17,13 +18,13 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 from server.core import Core
-from server.errors import InvalidArgument, NotFound, abort, grpc_errors
+from server.errors import InvalidArgument, NotFound, abort, grpc_errors, status_of
 
 INPUT = "pixels"
 OUTPUT_NAMES = ("probabilities", "digit")
 PLATFORM = "onnxruntime_onnx"
 PIXELS_PER_IMAGE = 784
-EXTENSIONS = ["model_configuration"]
+EXTENSIONS = ["model_configuration", "statistics"]
 
 
 @dataclass
@@ -164,8 +165,33 @@ def encode_infer(model_name: str, version: str, decoded: DecodedRequest, probs: 
     )
 
 
-def _remaining(context: grpc.ServicerContext) -> float | None:
-    return context.time_remaining()
+def model_statistics(stats, name: str, version: str) -> pb.ModelStatistics:
+    def d(x) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=x.count, ns=x.ns)
+
+    with stats.lock:
+        return pb.ModelStatistics(
+            name=name,
+            version=version,
+            last_inference=stats.last_inference_ms,
+            inference_count=stats.inference_count,
+            execution_count=stats.execution_count,
+            inference_stats=pb.InferStatistics(
+                success=d(stats.success),
+                fail=d(stats.fail),
+                queue=d(stats.queue),
+                compute_input=d(stats.compute_input),
+                compute_infer=d(stats.compute_infer),
+                compute_output=d(stats.compute_output),
+            ),
+            batch_stats=[
+                pb.InferBatchStatistics(
+                    batch_size=size,
+                    compute_infer=pb.StatisticDuration(count=b.count, ns=b.compute_infer_ns),
+                )
+                for size, b in sorted(stats.batches.items())
+            ],
+        )
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -229,11 +255,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=config)
 
     def ModelInfer(self, request, context):
+        now = time.perf_counter_ns
+        t0 = now()
         try:
             self.core.check_model(request.model_name, request.model_version)
             decoded = decode_infer(request, self.core.settings.max_request_images)
-            probs, digits, model = self.core.classify(decoded.pixels, _remaining(context), lambda: not context.is_active())
-            return encode_infer(model.name, model.version, decoded, probs, digits)
+            t1 = now()
+            probs, digits, model = self.core.classify(decoded.pixels, context.time_remaining(), lambda: not context.is_active())
+            t2 = now()
+            response = encode_infer(model.name, model.version, decoded, probs, digits)
+            t3 = now()
+            self.core.stats.record_request("v2", "OK", t3 - t0, t1 - t0, t3 - t2)
+            return response
         except Exception as exc:  # noqa: BLE001 - mapped to a status here
             abort(context, exc, "ModelInfer")
+            self.core.stats.record_request("v2", status_of(exc).name, now() - t0)
             return pb.ModelInferResponse()
+
+    @grpc_errors(pb.ModelStatisticsResponse)
+    def ModelStatistics(self, request, context):
+        model = self.core.model
+        if model is None:
+            self.core.serving_model()  # raises UNAVAILABLE while loading
+        if request.name:
+            self.core.check_model(request.name, request.version)
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(self.core.stats, model.name, model.version)])

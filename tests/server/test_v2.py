@@ -66,8 +66,7 @@ def test_server_metadata(stub):
 
     meta = stub.ServerMetadata(pb.ServerMetadataRequest())
     assert meta.name == "mnist-edge" and meta.version == __version__
-    assert "statistics" not in meta.extensions
-    assert list(meta.extensions) == ["model_configuration"]
+    assert list(meta.extensions) == ["model_configuration", "statistics"]
 
 
 def test_model_metadata(stub, server):
@@ -218,3 +217,22 @@ def test_unexpected_error_is_internal_and_logged(reference, caplog):
             assert s.ServerLive(pb.ServerLiveRequest()).live
     logged = [r for r in caplog.records if "unexpected error in ModelInfer" in r.getMessage()]
     assert logged and logged[0].exc_info and "ZeroDivisionError" in caplog.text
+
+
+def test_model_statistics_count_requests_and_batches(stub, reference):
+    images = reference[0]
+    before = stub.ModelStatistics(pb.ModelStatisticsRequest(name="mnist")).model_stats[0]
+    stub.ModelInfer(infer_request(images[:3]))
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(infer_request(images[:1], shape=[1, 27, 29]))
+    after = stub.ModelStatistics(pb.ModelStatisticsRequest(name="mnist")).model_stats[0]
+    s0, s1 = before.inference_stats, after.inference_stats
+    assert after.name == "mnist" and after.version == before.version
+    assert s1.success.count == s0.success.count + 1 and s1.success.ns > s0.success.ns
+    assert s1.fail.count == s0.fail.count + 1
+    assert after.inference_count == before.inference_count + 3
+    assert after.execution_count == before.execution_count + 1
+    assert s1.queue.count == s0.queue.count + 1 and s1.compute_infer.count == s0.compute_infer.count + 1
+    assert any(b.batch_size == 3 for b in after.batch_stats)
+    assert after.last_inference > 0
+    assert_status(lambda: stub.ModelStatistics(pb.ModelStatisticsRequest(name="other")), grpc.StatusCode.NOT_FOUND, "unknown model")

@@ -1,0 +1,109 @@
+"""Per-model counters, in Triton's terms, shared by ModelStatistics and the metrics endpoint.
+
+Updated with a few integer additions under one lock per request and per batch; read
+at scrape time. Durations are nanoseconds, as Triton reports them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass
+class BatchDurations:
+    count: int = 0
+    compute_infer_ns: int = 0
+
+
+# Buckets for histograms (seconds / images), fixed so that workers can be summed.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple = LATENCY_BUCKETS
+    counts: list = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        i = 0
+        for i, bound in enumerate(self.buckets):  # noqa: B007 - few buckets, no bisect import needed
+            if value <= bound:
+                break
+        else:
+            i = len(self.buckets)
+        self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+
+class Statistics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.success = Duration()
+        self.fail = Duration()
+        self.queue = Duration()
+        self.compute_input = Duration()
+        self.compute_infer = Duration()
+        self.compute_output = Duration()
+        self.inference_count = 0  # images
+        self.execution_count = 0  # batches
+        self.last_inference_ms = 0
+        self.batches: dict[int, BatchDurations] = {}
+        self.requests_by: dict[tuple[str, str], int] = {}  # (api, status) -> count
+        self.queue_hist = Histogram(LATENCY_BUCKETS)
+        self.compute_hist = Histogram(LATENCY_BUCKETS)
+        self.request_hist = Histogram(LATENCY_BUCKETS)
+        self.batch_hist = Histogram(BATCH_BUCKETS)
+
+    def record_request(self, api: str, status: str, total_ns: int, input_ns: int = 0, output_ns: int = 0) -> None:
+        with self.lock:
+            key = (api, status)
+            self.requests_by[key] = self.requests_by.get(key, 0) + 1
+            self.request_hist.observe(total_ns / 1e9)
+            if status == "OK":
+                self.success.add(total_ns)
+                if input_ns:
+                    self.compute_input.add(input_ns)
+                if output_ns:
+                    self.compute_output.add(output_ns)
+            else:
+                self.fail.add(total_ns)
+
+    def record_batch(self, size: int, queue_seconds: list[float], compute_seconds: float) -> None:
+        compute_ns = int(compute_seconds * 1e9)
+        n = len(queue_seconds)
+        with self.lock:
+            self.execution_count += 1
+            self.inference_count += size
+            self.last_inference_ms = int(time.time() * 1000)
+            for q in queue_seconds:
+                self.queue.add(int(q * 1e9))
+                self.queue_hist.observe(q)
+            # Triton counts compute per request: each request in the batch spent this long.
+            self.compute_infer.add(compute_ns * n, n)
+            self.compute_hist.observe(compute_seconds)
+            self.batch_hist.observe(size)
+            b = self.batches.get(size)
+            if b is None:
+                b = self.batches[size] = BatchDurations()
+            b.count += 1
+            b.compute_infer_ns += compute_ns
