@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.client import ClientError, DigitClient, Prediction
+from client.client import ClientError, DigitClient, Prediction, add_connection_args, connection_kwargs
 from imaging.idx import IdxError, parse_idx
 
 SHADES = " .:-=+*#%@"
@@ -48,9 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=256, help="images per request for IDX files")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     ap.add_argument("--verbose", action="store_true", help="one line per IDX image, not only a summary and the mistakes")
+    add_connection_args(ap)
     args = ap.parse_args(argv)
 
-    client = DigitClient(args.target, timeout=args.timeout)
+    try:
+        client = DigitClient(args.target, timeout=args.timeout, **connection_kwargs(args))
+    except (ValueError, OSError) as exc:  # a --target that is not an address, an unreadable TLS or token file
+        print(f"mnist-edge classify: --target {args.target!r}: {exc}", file=sys.stderr)
+        return 2
     try:
         return _run(client, args)
     except ClientError as exc:

@@ -218,3 +218,25 @@ class DigitClient:
                 return "SERVICE_UNKNOWN"
             raise describe_rpc_error(exc, self.target) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def add_connection_args(parser) -> None:
+    """--tls-ca / --tls-cert / --tls-key / --token-file, shared by the client commands."""
+    g = parser.add_argument_group("connection security")
+    g.add_argument("--tls-ca", default=None, help="PEM CA bundle to verify the server (turns TLS on)")
+    g.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
+    g.add_argument("--tls-key", default=None, help="PEM client private key (mutual TLS)")
+    g.add_argument("--token-file", default=None, help="file holding the bearer token the server expects")
+
+
+def connection_kwargs(args) -> dict:
+    """DigitClient keyword arguments from add_connection_args' options."""
+    kw: dict = {}
+    if args.tls_ca or args.tls_cert:
+        def read(path):
+            return Path(path).read_bytes() if path else None
+
+        kw["credentials"] = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+    if args.token_file:
+        kw["token"] = Path(args.token_file).read_text().strip()
+    return kw

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from client.client import ClientError, DigitClient
+from client.client import ClientError, DigitClient, add_connection_args, connection_kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,8 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--service", default="", help='health service name: "" (readiness), liveness, or a gRPC service name')
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
     p.add_argument("--quiet", action="store_true", help="print nothing; the exit code says it")
+    add_connection_args(p)
     args = p.parse_args(argv)
-    client = DigitClient(args.target, retries=1)
+    try:
+        client = DigitClient(args.target, retries=1, **connection_kwargs(args))
+    except (ValueError, OSError) as exc:  # a --target that is not an address, an unreadable TLS or token file
+        if not args.quiet:
+            print(f"mnist-edge health: --target {args.target!r}: {exc}", file=sys.stderr)
+        return 2
     try:
         status = client.health(args.service, timeout=args.timeout)
     except ClientError as exc:

@@ -15,13 +15,14 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "train": ("training.train", "train", "train the MLP on MNIST and write a checkpoint"),
     "export": ("export.cli", "train", "export a checkpoint to ONNX fp32 + int8, gate it, write models/"),
     "serve": ("server.cli", None, "serve a model over gRPC (Open Inference Protocol + native API)"),
+    "keygen": ("export.signing", "sign", "make an Ed25519 key pair for signing models"),
     "classify": ("client.cli", None, "classify image or IDX files through a running server"),
     "health": ("client.health_cli", None, "check a server's health (exit 0 only when SERVING)"),
     "bench": ("bench.cli", None, "benchmark the server against the transport and compute floors"),
 }
 
 # Modules whose absence means an optional extra is not installed.
-_EXTRA_MODULES = {"torch", "onnx", "onnxscript", "tqdm"}
+_EXTRA_MODULES = {"torch", "onnx", "onnxscript", "tqdm", "cryptography"}
 
 
 def _usage() -> str:

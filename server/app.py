@@ -41,12 +41,42 @@ READINESS_NAMES = ("", INFERENCE_SERVICE, NATIVE_SERVICE)
 LIVENESS_NAME = "liveness"
 
 
-def default_loader(settings: Settings) -> LoadedModel:
-    return model_store.load(settings.model, settings.precision, settings.intra_op_threads)
+def default_loader(settings: Settings, min_version: int | None = None) -> LoadedModel:
+    keys = None
+    if settings.trusted_key_files:
+        from server.signing import load_public_keys
+
+        keys = load_public_keys(settings.trusted_key_files)
+    return model_store.load(settings.model, settings.precision, settings.intra_op_threads, trusted_keys=keys, min_version=min_version)
 
 
 class BindError(RuntimeError):
     pass
+
+
+def unix_path(address: str) -> Path:
+    """unix:PATH or unix:///ABSOLUTE/PATH (gRPC's two spellings) -> the socket's path."""
+    rest = address[len("unix:"):]
+    return Path(rest[2:] if rest.startswith("//") else rest)
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a dead server; refuse to take over a live one."""
+    import socket
+
+    if not path.exists():
+        return
+    if not path.is_socket():
+        raise BindError(f"could not listen on unix:{path}: the path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise BindError(f"could not listen on unix:{path}: another server is listening there")
 
 
 def _atomic_text(path: str, text: str) -> None:
@@ -58,7 +88,7 @@ def _atomic_text(path: str, text: str) -> None:
 
 
 class App:
-    def __init__(self, settings: Settings, loader: Loader | None = None, *, extra_options: list[tuple[str, object]] | None = None) -> None:
+    def __init__(self, settings: Settings, loader: Loader | None = None, *, reuseport: bool = False, extra_options: list[tuple[str, object]] | None = None) -> None:
         self.settings = settings
         self.loader = loader or default_loader
         self.core = Core(settings)
@@ -66,6 +96,7 @@ class App:
         self.exit_code = 0
         self._shutdown_started = threading.Lock()
         self._shutting_down = False
+        self._reload_lock = threading.Lock()
 
         self.health = health.HealthServicer(experimental_non_blocking=True)
         # grpc's HealthServicer starts with "" SERVING: readiness must start NOT_SERVING.
@@ -79,13 +110,28 @@ class App:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             # One server per port unless workers share it on purpose: a second server on a
             # busy port fails instead of silently splitting the traffic.
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuseport else 0),
         ]
+        if settings.max_connection_age_s > 0:
+            # Clients reconnect (and re-resolve) after this; calls in flight get a grace period.
+            options += [
+                ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(max(settings.grace_s, 1.0) * 1000)),
+            ]
         options += extra_options or []
+        interceptors = []
+        if settings.token_file:
+            from server.auth import TokenInterceptor, read_token
+
+            try:
+                interceptors.append(TokenInterceptor(read_token(settings.token_file)))
+            except ValueError as exc:
+                raise BindError(str(exc)) from None
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.handler_threads, thread_name_prefix="rpc"),
             options=options,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            interceptors=interceptors,
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.core, __version__), self.server)
         digits_pb2_grpc.add_DigitClassifierServicer_to_server(DigitClassifierServicer(self.core), self.server)
@@ -95,19 +141,47 @@ class App:
             self.service_names.append(reflection.SERVICE_NAME)
             reflection.enable_server_reflection(self.service_names, self.server)
         self.address = self._bind(settings.address)
+        self.health_server: grpc.Server | None = None
+        self.health_address: str | None = None
+        if settings.health_address:
+            # Probes that cannot speak TLS get health, and nothing else, in plaintext.
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health"), options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            port = self.health_server.add_insecure_port(settings.health_address)
+            if port == 0:
+                raise BindError(f"could not listen on {settings.health_address} (--health-address)")
+            self.health_address = f"{settings.health_address.rsplit(':', 1)[0]}:{port}"
+        self.metrics_address: str | None = None
+        self._metrics_httpd = None
 
     # -- binding ----------------------------------------------------------------
     def _bind(self, address: str) -> str:
+        if address.startswith("unix:"):
+            _clear_stale_socket(unix_path(address))
         try:
-            port = self.server.add_insecure_port(address)
+            credentials = self._credentials()
+            port = self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
         except RuntimeError as exc:
             raise BindError(f"could not listen on {address}: {exc}") from None
         if address.startswith("unix:"):
+            # Deliberate permissions: only the owner and its group (e.g. the camera process) may connect.
+            os.chmod(unix_path(address), int(self.settings.socket_mode, 8))
             return address
         if port == 0:
             raise BindError(f"could not listen on {address} (in use, or not an address of this machine)")
         host = address.rsplit(":", 1)[0]
         return f"{host}:{port}"
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        s = self.settings
+        if not s.tls_cert:
+            return None
+        try:
+            cert, key = Path(s.tls_cert).read_bytes(), Path(s.tls_key).read_bytes()
+            ca = Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None
+        except OSError as exc:
+            raise BindError(f"could not read TLS files: {exc}") from None
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
     # -- lifecycle ----------------------------------------------------------------
     def _sync_health(self, state: State) -> None:
@@ -115,15 +189,41 @@ class App:
         for name in READINESS_NAMES:
             self.health.set(name, status)
 
+    def metrics_snapshot(self) -> dict:
+        from server.metrics import snapshot
+
+        return snapshot(self.core.stats, self.core.model, self.core.ready, self.core.batcher.queued_images)
+
     def start(self, background_load: bool = True) -> "App":
+        if self.settings.metrics_address:
+            from server.metrics import start_http
+
+            try:
+                self._metrics_httpd, self.metrics_address = start_http(self.settings.metrics_address, self.metrics_snapshot)
+            except OSError as exc:
+                raise BindError(f"could not serve metrics on {self.settings.metrics_address} (--metrics-address): {exc}") from None
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         if self.settings.port_file:
             _atomic_text(self.settings.port_file, self.address + "\n")
-        logs.event("listening", f"listening on {self.address} (model loading; readiness NOT_SERVING)", address=self.address, pid=os.getpid())
+        logs.event(
+            "listening",
+            f"listening on {self.address} (model loading; readiness NOT_SERVING)",
+            address=self.address,
+            metrics=f"http://{self.metrics_address}/metrics" if self.metrics_address else None,
+            health=self.health_address,
+            tls=bool(self.settings.tls_cert),
+            mtls=bool(self.settings.tls_client_ca),
+            token=bool(self.settings.token_file),
+            pid=os.getpid(),
+        )
         if background_load:
             threading.Thread(target=self._load, name="model-loader", daemon=True).start()
         else:
             self._load()
+        if self.settings.watch_s > 0:
+            threading.Thread(target=self._watch, name="manifest-watch", daemon=True).start()
         return self
 
     def _load(self) -> None:
@@ -152,8 +252,52 @@ class App:
             load_seconds=round(time.perf_counter() - started, 3),
         )
 
+    def reload(self, reason: str = "SIGHUP") -> bool:
+        """Read the manifest again, verify everything, then swap atomically; True if swapped.
+
+        Calls in flight finish on the old model (each batch holds the runner it started
+        with). A model that fails any check is refused and the old one keeps serving.
+        """
+        with self._reload_lock:
+            current = self.core.model
+            if current is None or self.core.state is not State.SERVING:
+                logs.event("reload_skipped", f"reload ({reason}) skipped: the server is {self.core.state.value}", logging.WARNING)
+                return False
+            try:
+                if self.loader is default_loader:
+                    new = default_loader(self.settings, min_version=int(current.version))
+                else:
+                    new = self.loader(self.settings)
+                    if int(new.version) < int(current.version):
+                        raise model_store.ModelLoadError(f"version {new.version} is lower than the version being served ({current.version})")
+            except Exception as exc:  # noqa: BLE001 - a bad model never replaces a good one
+                logs.event("reload_refused", f"reload ({reason}) refused, still serving version {current.version}: {exc}", logging.ERROR, version=current.version)
+                return False
+            if new.sha256 == current.sha256 and new.version == current.version:
+                logs.event("reload_unchanged", f"reload ({reason}): version {current.version} unchanged", version=current.version)
+                return False
+            if new.version == current.version:
+                logs.event("reload_refused", f"reload ({reason}) refused: a different model under the same version {current.version}; versions must increase", logging.ERROR)
+                return False
+            self.core.set_model(new)
+            logs.event("reloaded", f"now serving version {new.version} (was {current.version})", version=new.version, previous=current.version, sha256=new.sha256, reason=reason)
+            return True
+
+    def _watch(self) -> None:
+        """Poll the manifest (and its signature) for changes; reload when they change."""
+        last = model_store.manifest_stamp(self.settings.model)
+        while not self.stopped.wait(self.settings.watch_s):
+            now = model_store.manifest_stamp(self.settings.model)
+            if now != last and now is not None:
+                last = now
+                self.reload("manifest changed")
+
     def _stop_now(self) -> None:
         self.server.stop(0).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
         self.stopped.set()
 
     def shutdown(self, reason: str = "signal") -> None:
@@ -173,6 +317,10 @@ class App:
             self.core.set_state(State.STOPPING)
         logs.event("stopping", f"refusing new calls; calls in flight have {s.grace_s}s to finish", grace_s=s.grace_s)
         self.server.stop(s.grace_s).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
         logs.event("stopped", "server stopped", exit_code=self.exit_code)
         self.stopped.set()
 

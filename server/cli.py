@@ -16,6 +16,10 @@ from server import logs, settings as settings_mod
 def main(argv: list[str] | None = None) -> int:
     settings = settings_mod.from_args(argv)
     logs.setup(settings.log_format, settings.log_level)
+    if settings.workers > 1:
+        from server import workers
+
+        return workers.run(settings)
     from server.app import App, BindError
 
     try:
@@ -28,9 +32,17 @@ def main(argv: list[str] | None = None) -> int:
         name = signal.Signals(signum).name
         threading.Thread(target=app.shutdown, args=(name,), name="shutdown", daemon=True).start()
 
+    def on_hup(signum, frame):  # noqa: ARG001
+        threading.Thread(target=app.reload, args=("SIGHUP",), name="reload", daemon=True).start()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    app.start()
+    signal.signal(signal.SIGHUP, on_hup)
+    try:
+        app.start()
+    except BindError as exc:
+        logs.event("bind_failed", str(exc), 40)
+        return 2
     while not app.wait(0.5):
         pass
     return app.exit_code

@@ -52,14 +52,15 @@ class Unauthenticated(ServingError):
 
 
 def abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
-    """Set the status for `exc` on `context` (does not raise)."""
+    """End the call with the status for `exc`. Raises (grpc's context.abort always does).
+
+    Aborting sends a trailers-only response, with no message: only then does a client's
+    retry policy treat the call as not committed and retry UNAVAILABLE on another replica.
+    """
     if isinstance(exc, ServingError):
-        context.set_code(exc.code)
-        context.set_details(exc.message)
-        return
+        context.abort(exc.code, exc.message)
     log.error("unexpected error in %s", method, exc_info=exc)
-    context.set_code(grpc.StatusCode.INTERNAL)
-    context.set_details(f"internal error in {method}: {type(exc).__name__}; the server logged the traceback")
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}; the server logged the traceback")
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -82,7 +83,7 @@ def grpc_errors(empty_response):
                 return fn(self, request, context)
             except Exception as exc:  # noqa: BLE001 - this is the mapping point
                 abort(context, exc, method)
-                return empty_response()
+                return empty_response()  # not reached: abort raises
 
         return handler
 

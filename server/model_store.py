@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,8 +67,8 @@ def resolve_manifest(path: str | os.PathLike | None) -> Path:
     return mpath
 
 
-def read_manifest(mpath: Path) -> tuple[dict[str, Any], bytes]:
-    raw = mpath.read_bytes()
+def read_manifest(mpath: Path, raw: bytes | None = None) -> tuple[dict[str, Any], bytes]:
+    raw = mpath.read_bytes() if raw is None else raw
     try:
         manifest = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -95,10 +96,49 @@ def golden(manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(digits, dtype=np.int64)
 
 
-def load(path: str | os.PathLike | None = None, precision: str | None = None, intra_op_threads: int = 1) -> LoadedModel:
-    """Verify and load; raise ModelLoadError naming what failed."""
+def _read_signed(mpath: Path, trusted_keys: list) -> tuple[dict[str, Any], bytes]:
+    """Read the manifest and, with trusted keys, check its signature.
+
+    A publisher writes the signature before the manifest, so a reader can catch the two
+    out of step for a moment: on a mismatch, read both once more before refusing.
+    """
+    from server.signing import SignatureError, verify
+
+    for attempt in (1, 2):
+        raw = mpath.read_bytes()
+        sig_path = mpath.parent / SIGNATURE
+        sig = sig_path.read_bytes() if sig_path.is_file() else None
+        try:
+            verify(raw, sig, trusted_keys, str(mpath))
+        except SignatureError as exc:
+            if attempt == 2:
+                raise ModelLoadError(str(exc)) from None
+            time.sleep(0.05)
+            continue
+        return read_manifest(mpath, raw)  # parse exactly the bytes that were verified
+    raise ModelLoadError(f"{mpath}: signature check failed")  # not reached
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    precision: str | None = None,
+    intra_op_threads: int = 1,
+    *,
+    trusted_keys: list | None = None,
+    min_version: int | None = None,
+) -> LoadedModel:
+    """Verify and load; raise ModelLoadError naming what failed.
+
+    `trusted_keys`: Ed25519 public keys, one of which must have signed manifest.json.
+    `min_version`: refuse a manifest whose version is lower (a reload never goes back).
+    """
     mpath = resolve_manifest(path)
-    manifest, _ = read_manifest(mpath)
+    if trusted_keys:
+        manifest, _ = _read_signed(mpath, trusted_keys)
+    else:
+        manifest, _ = read_manifest(mpath)
+    if min_version is not None and int(manifest["version"]) < min_version:
+        raise ModelLoadError(f"{mpath}: version {manifest['version']} is lower than the version being served ({min_version}); refusing to go back")
     kind = precision or manifest["default"]
     entry = manifest["models"].get(kind)
     if entry is None:
@@ -136,3 +176,14 @@ def load(path: str | os.PathLike | None = None, precision: str | None = None, in
         pixel_convention=manifest.get("input", {}).get("pixel_convention", ""),
         labels=list(manifest.get("labels") or [str(d) for d in range(10)]),
     )
+
+
+def manifest_stamp(path: str | os.PathLike | None) -> tuple | None:
+    """What changes when a manifest or its signature is republished (for file watching)."""
+    try:
+        m = resolve_manifest(path)
+        sig = m.parent / SIGNATURE
+        st = m.stat()
+        return (st.st_mtime_ns, st.st_size, st.st_ino, sig.stat().st_mtime_ns if sig.exists() else 0)
+    except (OSError, ModelLoadError):
+        return None

@@ -97,9 +97,9 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
         try:
             response = self._classify(request, context)
         except Exception as exc:  # noqa: BLE001 - mapped to a status here
-            abort(context, exc, "Classify")
             self.core.stats.record_request("native", status_of(exc).name, time.perf_counter_ns() - t0)
-            return pb.ClassifyResponse()
+            abort(context, exc, "Classify")
+            return pb.ClassifyResponse()  # not reached: abort raises
         self.core.stats.record_request("native", "OK", time.perf_counter_ns() - t0)
         return response
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -25,8 +26,12 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class Settings:
     model: str | None = _opt(None, "manifest file or models/ directory (default: the shipped model)")
     precision: str | None = _opt(None, "manifest entry to serve, e.g. int8 or fp32 (default: the manifest's default)")
+    trust: str | None = _opt(None, "Ed25519 public key file(s), comma-separated: serve only manifests one of them signed")
+    watch_s: float = _opt(0.0, "check the manifest for changes every N seconds and reload (0: only on SIGHUP)")
     address: str = _opt("127.0.0.1:50051", "HOST:PORT to listen on (port 0 picks a free port), or unix:PATH")
     port_file: str | None = _opt(None, "write the bound address here once the port is open (for scripts and tests)")
+    socket_mode: str = _opt("0660", "file mode of a unix: socket (octal): who on the device may connect")
+    workers: int = _opt(1, "worker processes sharing the port (SO_REUSEPORT); each has its own batcher and model session")
     max_request_images: int = _opt(1024, "images per request (advertised as ModelConfig max_batch_size)")
     max_batch_size: int = _opt(256, "images per executed batch")
     max_queue_delay_us: int = _opt(0, "extra microseconds the batcher may wait to fill a batch")
@@ -34,9 +39,16 @@ class Settings:
     max_image_bytes: int = _opt(4 * MiB, "bytes of one encoded image")
     max_image_pixels: int = _opt(4096 * 4096, "pixels of one decoded image (checked from the header)")
     max_message_bytes: int = _opt(16 * MiB, "bytes of one gRPC message")
+    max_connection_age_s: float = _opt(0.0, "close client connections after this many seconds (0: never), so long-lived HTTP/2 connections rebalance onto new replicas")
     grace_s: float = _opt(10.0, "seconds in-flight calls get to finish on shutdown")
     drain_delay_s: float = _opt(0.0, "seconds new calls are still served after SIGTERM (readiness already NOT_SERVING)")
     reflection: bool = _opt(True, "gRPC server reflection")
+    tls_cert: str | None = _opt(None, "PEM certificate chain: serve TLS (with --tls-key)")
+    tls_key: str | None = _opt(None, "PEM private key for --tls-cert")
+    tls_client_ca: str | None = _opt(None, "PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    token_file: str | None = _opt(None, "file holding a bearer token every call must present (health is exempt)")
+    health_address: str | None = _opt(None, "HOST:PORT for a plaintext health-only listener (for probes that cannot speak TLS)")
+    metrics_address: str = _opt("127.0.0.1:9464", 'HOST:PORT for the Prometheus /metrics endpoint ("" turns it off)')
     intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per session")
     handler_threads: int = _opt(128, "gRPC handler threads (concurrent calls being served)")
     max_concurrent_rpcs: int = _opt(1024, "calls accepted at once; more get RESOURCE_EXHAUSTED from gRPC")
@@ -44,13 +56,24 @@ class Settings:
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 
     def validate(self) -> "Settings":
-        positive = ("max_request_images", "max_batch_size", "max_queue", "max_image_bytes", "max_image_pixels", "max_message_bytes", "intra_op_threads", "handler_threads", "max_concurrent_rpcs")
+        positive = ("workers", "max_request_images", "max_batch_size", "max_queue", "max_image_bytes", "max_image_pixels", "max_message_bytes", "intra_op_threads", "handler_threads", "max_concurrent_rpcs")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("max_queue_delay_us", "grace_s", "drain_delay_s"):
+        for name in ("max_queue_delay_us", "grace_s", "drain_delay_s", "watch_s", "max_connection_age_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        try:
+            if not 0 <= int(self.socket_mode, 8) <= 0o777:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--socket-mode must be an octal file mode like 0660, got {self.socket_mode!r}") from None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.workers > 1 and self.address.startswith("unix:"):
+            raise ValueError("--workers must be 1 with a unix: address (a Unix socket cannot be shared by worker processes)")
         if self.max_queue < self.max_request_images:
             raise ValueError(
                 f"--max-queue ({self.max_queue}) must be at least --max-request-images ({self.max_request_images}), "
@@ -68,6 +91,10 @@ class Settings:
                 f"--max-message-bytes ({self.max_message_bytes}) must exceed --max-image-bytes ({self.max_image_bytes})"
             )
         return self
+
+    @property
+    def trusted_key_files(self) -> list[str]:
+        return [p for p in (self.trust or "").split(",") if p.strip()]
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -106,6 +133,9 @@ def build_parser(prog: str = "mnist-edge serve", env: Mapping[str, str] | None =
                 default = kind(raw) if kind is not bool else parse_bool(raw)
             except ValueError as exc:
                 raise SystemExit(f"{prog}: environment variable {var}={raw!r}: {exc}") from None
+            choices = f.metadata.get("choices")
+            if choices and default not in choices:
+                raise SystemExit(f"{prog}: environment variable {var}={raw!r}: expected one of {', '.join(choices)}")
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
@@ -125,11 +155,20 @@ def _kind(f: dataclasses.Field) -> type:
 
 
 def from_args(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
     parser = build_parser(env=env)
     ns = parser.parse_args(argv)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(Settings)}
     try:
         return Settings(**values).validate()
     except ValueError as exc:
-        parser.error(str(exc))
+        # Say where a value came from when it was not on the command line.
+        given = set(argv if argv is not None else sys.argv[1:])
+        sources = [
+            f"{env_name(f.name)}={env[env_name(f.name)]}"
+            for f in dataclasses.fields(Settings)
+            if env.get(env_name(f.name)) and not any(a.split("=")[0] == "--" + f.name.replace("_", "-") for a in given)
+            and ("--" + f.name.replace("_", "-")) in str(exc)
+        ]
+        parser.error(str(exc) + (f" (from the environment: {', '.join(sources)})" if sources else ""))
         raise  # unreachable: parser.error exits

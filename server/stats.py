@@ -74,10 +74,14 @@ class Statistics:
         self.request_hist = Histogram(LATENCY_BUCKETS)
         self.batch_hist = Histogram(BATCH_BUCKETS)
 
-    def record_request(self, api: str, status: str, total_ns: int, input_ns: int = 0, output_ns: int = 0) -> None:
+    def record_request(self, api: str, status: str, total_ns: int, input_ns: int = 0, output_ns: int = 0, model_level: bool = True) -> None:
+        """`model_level=False`: a request that was not for this model (unknown name or version):
+        counted by API and status, but not in the model's success/fail statistics."""
         with self.lock:
             key = (api, status)
             self.requests_by[key] = self.requests_by.get(key, 0) + 1
+            if not model_level:
+                return
             self.request_hist.observe(total_ns / 1e9)
             if status == "OK":
                 self.success.add(total_ns)

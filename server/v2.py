@@ -8,10 +8,10 @@ what was wrong and what was expected.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
 from protos.inference import grpc_service_pb2 as pb
@@ -217,6 +217,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     def ServerMetadata(self, request, context):
+        # Which process answered: with --workers N, operators (and tests) can see the spread.
+        context.set_trailing_metadata((("mnist-edge-pid", str(os.getpid())),))
         return pb.ServerMetadataResponse(name="mnist-edge", version=self.server_version, extensions=list(EXTENSIONS))
 
     @grpc_errors(pb.ModelMetadataResponse)
@@ -259,6 +261,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         t0 = now()
         try:
             self.core.check_model(request.model_name, request.model_version)
+        except Exception as exc:  # noqa: BLE001 - not a request for our model: not in its statistics
+            self.core.stats.record_request("v2", status_of(exc).name, now() - t0, model_level=False)
+            abort(context, exc, "ModelInfer")
+        try:
             decoded = decode_infer(request, self.core.settings.max_request_images)
             t1 = now()
             probs, digits, model = self.core.classify(decoded.pixels, context.time_remaining(), lambda: not context.is_active())
@@ -268,9 +274,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.core.stats.record_request("v2", "OK", t3 - t0, t1 - t0, t3 - t2)
             return response
         except Exception as exc:  # noqa: BLE001 - mapped to a status here
-            abort(context, exc, "ModelInfer")
             self.core.stats.record_request("v2", status_of(exc).name, now() - t0)
-            return pb.ModelInferResponse()
+            abort(context, exc, "ModelInfer")
+            return pb.ModelInferResponse()  # not reached: abort raises
 
     @grpc_errors(pb.ModelStatisticsResponse)
     def ModelStatistics(self, request, context):

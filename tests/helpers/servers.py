@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from server import model_store
 from server.app import App
 from server.settings import Settings
 
@@ -20,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def make_settings(**overrides) -> Settings:
-    base = dict(address="127.0.0.1:0", log_format="text", log_level="warning")
+    base = dict(address="127.0.0.1:0", metrics_address="127.0.0.1:0", log_format="text", log_level="warning")
     base.update(overrides)
     return Settings(**base).validate()
 
@@ -50,7 +49,7 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02):
 def start_cli_server(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """`mnist-edge serve` as a subprocess; returns (process, address read from --port-file)."""
     port_file = tmp_path / f"port-{time.monotonic_ns()}"
-    cmd = [sys.executable, "-m", "mnist_edge", "serve", "--address", "127.0.0.1:0", "--port-file", str(port_file), *args]
+    cmd = [sys.executable, "-m", "mnist_edge", "serve", "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0", "--port-file", str(port_file), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     try:
         wait_for(lambda: port_file.exists() or proc.poll() is not None, timeout=60)

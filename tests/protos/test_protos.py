@@ -686,17 +686,16 @@ def _schema(python: str, modules: list[str], cwd: Path, env: dict | None = None)
     return json.loads(proc.stdout)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("MNIST_EDGE_TRITONCLIENT_PYTHON"),
-    reason="set MNIST_EDGE_TRITONCLIENT_PYTHON to a python with tritonclient[grpc]==2.41.0 (and protobuf)",
-)
 def test_schema_equals_tritonclient_2_41(tmp_path):
+    from helpers.triton import tritonclient_python
+
+    python = str(tritonclient_python())
     ours = _schema(
         sys.executable, ["protos.inference.grpc_service_pb2", "protos.inference.model_config_pb2"], REPO_ROOT
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     theirs = _schema(
-        os.environ["MNIST_EDGE_TRITONCLIENT_PYTHON"],
+        python,
         ["tritonclient.grpc.service_pb2", "tritonclient.grpc.model_config_pb2"],
         tmp_path,
         env,

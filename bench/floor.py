@@ -1,0 +1,75 @@
+"""The transport floor: the least a Python gRPC server can do for a request.
+
+One process, `grpc.server` with a thread pool (grpcio's sync API, as mnist-edge uses),
+one unary method and one bidirectional stream that return the request bytes unchanged
+(identity serializers: no protobuf at all). Whatever mnist-edge costs above this is
+the price of parsing, validation, batching, the model and the response.
+
+    python -m bench.floor --address 127.0.0.1:0 --port-file /tmp/floor.port
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+
+UNARY = "/bench.Echo/Echo"
+STREAM = "/bench.Echo/EchoStream"
+
+
+def create_server(address: str = "127.0.0.1:0", threads: int = 128) -> tuple[grpc.Server, str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=[
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.so_reuseport", 0),
+    ])
+
+    def echo(request: bytes, context) -> bytes:
+        return request
+
+    def echo_stream(requests, context):
+        yield from requests
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(echo),
+            "EchoStream": grpc.stream_stream_rpc_method_handler(echo_stream),
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(address)
+    host = address.rsplit(":", 1)[0]
+    return server, f"{host}:{port}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.splitlines()[0])
+    p.add_argument("--address", default="127.0.0.1:0")
+    p.add_argument("--port-file", default=None)
+    p.add_argument("--threads", type=int, default=128, help="handler threads (mnist-edge's default)")
+    args = p.parse_args(argv)
+    server, address = create_server(args.address, args.threads)
+    server.start()
+    if args.port_file:
+        tmp = f"{args.port_file}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(address + "\n")
+        os.replace(tmp, args.port_file)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    server.stop(1).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Bearer-token authentication for every service except health.
+
+The token comes from a file (never a flag: flags show up in `ps`). Each call must send
+`authorization: Bearer <token>`; the comparison takes constant time. Health checking is
+never behind authentication, so orchestrators can probe without the secret.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+import grpc
+
+EXEMPT_PREFIX = "/grpc.health.v1.Health/"
+
+
+def read_token(path: str) -> bytes:
+    try:
+        token = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"--token-file {path}: {exc.strerror}") from None
+    if len(token) < 16:
+        raise ValueError(f"--token-file {path}: the token is {len(token)} bytes; use at least 16 random bytes")
+    return token
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    def __init__(self, token: bytes) -> None:
+        self._expected = b"bearer " + token
+
+    def _deny(self, handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+        def abort(request_or_iterator, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        if handler is not None and handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(abort)
+        if handler is not None and handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(abort)
+        if handler is not None and handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(abort)
+        return grpc.unary_unary_rpc_method_handler(abort)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(EXEMPT_PREFIX):
+            return continuation(handler_call_details)
+        presented = b""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                presented = value.encode() if isinstance(value, str) else value
+                break
+        # Case-insensitive scheme, constant-time comparison of the whole header value.
+        candidate = presented[:7].lower() + presented[7:]
+        if hmac.compare_digest(candidate, self._expected):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        reason = "missing authorization metadata (expected 'authorization: Bearer <token>')" if not presented else "wrong bearer token"
+        return self._deny(handler, reason)

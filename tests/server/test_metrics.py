@@ -1,0 +1,88 @@
+"""The Prometheus endpoint: scraped over HTTP, the counts move with the traffic."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from protos.digits.v1 import digits_pb2, digits_pb2_grpc
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+
+def scrape(address: str) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name: str, **labels) -> float:
+    want = tuple(sorted(labels.items()))
+    matches = [v for (n, lab), v in samples.items() if n == name and all(item in lab for item in want)]
+    assert matches, f"no sample {name} {labels}"
+    return sum(matches)
+
+
+def test_counts_move_with_traffic(server, mnist):
+    before = scrape(server.metrics_address)
+    with grpc.insecure_channel(server.address) as ch:
+        v2 = pb_grpc.GRPCInferenceServiceStub(ch)
+        req = pb.ModelInferRequest(
+            model_name="mnist",
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[5, 28, 28])],
+            raw_input_contents=[mnist.test.images[:5].tobytes()],
+        )
+        for _ in range(3):
+            v2.ModelInfer(req)
+        bad = pb.ModelInferRequest(model_name="mnist", inputs=[pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 784])], raw_input_contents=[b"\0"])
+        try:
+            v2.ModelInfer(bad)
+        except grpc.RpcError:
+            pass
+        digits_pb2_grpc.DigitClassifierStub(ch).Classify(digits_pb2.ClassifyRequest(images=[digits_pb2.Image(pixels=mnist.test.images[0].tobytes())]))
+    after = scrape(server.metrics_address)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - (value(before, name, **labels) if any(n == name and all(i in lab for i in labels.items()) for (n, lab) in before) else 0)
+
+    assert delta("mnist_edge_requests_total", api="v2", code="OK") == 3
+    assert delta("mnist_edge_requests_total", api="v2", code="INVALID_ARGUMENT") == 1
+    assert delta("mnist_edge_requests_total", api="native", code="OK") == 1
+    assert delta("mnist_edge_inference_request_success_total") == 4
+    assert delta("mnist_edge_inference_request_failure_total") == 1
+    assert delta("mnist_edge_inference_count_total") == 16
+    assert delta("mnist_edge_inference_exec_count_total") == 4
+    assert delta("mnist_edge_batch_size_count", model="mnist") == 4
+    assert delta("mnist_edge_batch_size_sum", model="mnist") == 16
+    assert delta("mnist_edge_queue_duration_seconds_count", model="mnist") == 4
+    assert delta("mnist_edge_compute_duration_seconds_count", model="mnist") == 4
+    assert delta("mnist_edge_inference_compute_infer_duration_us_total") > 0
+    m = server.core.model
+    assert value(after, "mnist_edge_model_info", version=m.version, precision="int8", sha256=m.sha256) == 1
+    assert value(after, "mnist_edge_model_version") == float(m.version)
+    assert value(after, "mnist_edge_up") == 1
+    assert value(after, "mnist_edge_queue_depth") == 0
+
+
+def test_metrics_can_be_turned_off():
+    from helpers.servers import running_server
+
+    with running_server(metrics_address="") as app:
+        assert app.metrics_address is None
+
+
+def test_histogram_buckets_are_cumulative(server):
+    samples = scrape(server.metrics_address)
+    buckets = sorted(
+        ((float(dict(lab)["le"]), v) for (n, lab), v in samples.items() if n == "mnist_edge_batch_size_bucket"),
+        key=lambda x: x[0],
+    )
+    counts = [v for _, v in buckets]
+    assert counts == sorted(counts) and np.isinf(buckets[-1][0])
