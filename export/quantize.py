@@ -16,9 +16,13 @@ Choices, and why:
   in [-64, 64] a pair sum is at most 2 * 255 * 64 = 32640 and cannot saturate, and the kernels give exactly the emulated
   QDQ result on x86 with or without VNNI and on ARM, at a cost of about 0.02 points
   of accuracy. Portability of the verified numbers wins.
-- **Only Gemm/MatMul are quantized.** The normalisation (Mul/Add), softmax and argmax
-  stay in float: they are cheap and exact, and quantizing softmax would quantize the
-  very probabilities clients read.
+- **Only the layers are quantized, and each ReLU is folded into its layer.** Listing
+  Relu as a quantized op lets the quantizer drop it and quantize the layer's output
+  with the ReLU's range (the clamp at zero then happens in the requantization), so
+  onnxruntime chains QGemm -> QGemm with no dequantize/quantize pair in between:
+  fewer nodes (12 -> 9), less latency for one image, one rounding less per layer.
+  The last layer's output (the logits) is not quantized: it goes to softmax in float,
+  so the probabilities clients read are not rounded to 256 levels.
 - **Calibration on a fixed, seeded sample of training images, never test images**,
   so the test set stays an honest measurement.
 
@@ -70,7 +74,7 @@ class QuantConfig:
     percentile: float = 99.999
     per_channel: bool = True
     reduce_range: bool = True
-    op_types: tuple[str, ...] = ("Gemm", "MatMul")
+    op_types: tuple[str, ...] = ("Gemm", "MatMul", "Relu")
     nodes_to_exclude: tuple[str, ...] = ()  # layers kept in fp32
     calibration_batch: int = 500
 
@@ -131,7 +135,12 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, cfg: QuantConfig, c
     """Quantize the fp32 model at `src` into `dst`; return the int8 model."""
     if calibration.dtype != np.uint8 or calibration.ndim != 3 or calibration.shape[1:] != (28, 28):
         raise ValueError(f"calibration images must be uint8 [N,28,28], got {calibration.dtype} {list(calibration.shape)}")
-    extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
+    extra: dict[str, Any] = {
+        "WeightSymmetric": True,
+        "ActivationSymmetric": False,
+        # Layer outputs followed by a ReLU take the ReLU's quantization; the last one stays float.
+        "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],
+    }
     if cfg.calibration is Calibration.PERCENTILE:
         extra["CalibPercentile"] = cfg.percentile
     with tempfile.TemporaryDirectory(prefix="mnist-edge-quant-") as tmp, _quiet():
@@ -216,19 +225,17 @@ def _sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
 def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, images: np.ndarray) -> LayerErrors:
     """Per-layer quantization error, found by SQNR at each layer's input and output.
 
-    Both models expose each Gemm/MatMul input and output as extra graph outputs and
-    run with graph optimisations off, so the int8 side is the exact QDQ arithmetic
-    (which, with reduced-range weights, is also what the fused kernels compute).
+    Both models expose each layer's input (what the layer consumes: after the
+    dequantize, in the int8 graph) and the last layer's output as extra graph outputs,
+    and run with graph optimisations off, so the int8 side is the exact QDQ arithmetic
+    (which, with reduced-range weights, is also what the fused kernels compute). The
+    error a layer adds is the SQNR lost between its input and the next layer's input.
     """
     import onnxruntime as ort
 
-    def probe(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    def probe(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        names: list[str] = []
-        for node in m.graph.node:
-            if node.op_type in ("Gemm", "MatMul"):
-                names += [node.input[0], node.output[0]]
         existing = {o.name for o in m.graph.output}
         for name in names:
             if name not in existing:
@@ -241,46 +248,28 @@ def layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, images: np.ndarra
         outs = sess.run(None, {INPUT: images})
         return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
-    ref, test = probe(fp32), probe(int8)
-    # Map layers by position: node names are kept by the quantizer, but be robust to renames.
     ref_nodes = [n for n in fp32.graph.node if n.op_type in ("Gemm", "MatMul")]
     test_nodes = {n.name: n for n in int8.graph.node if n.op_type in ("Gemm", "MatMul")}
+    pairs = [(n, test_nodes[n.name]) for n in ref_nodes if n.name in test_nodes]
+    if not pairs:
+        return LayerErrors()
+    ref_points = [r.input[0] for r, _ in pairs] + [pairs[-1][0].output[0]]
+    test_points = [t.input[0] for _, t in pairs] + [pairs[-1][1].output[0]]
+    ref, test = probe(fp32, ref_points), probe(int8, test_points)
+    sqnr = [min(_sqnr_db(ref[a], test[b]), 200.0) for a, b in zip(ref_points, test_points)]
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in fp32.graph.initializer}
     result = LayerErrors()
-    for node in ref_nodes:
-        tnode = test_nodes.get(node.name)
-        if tnode is None:
-            continue
-        # The int8 layer sees its quantized input: compare it with the fp32 input.
-        in_sqnr = _sqnr_db(ref[node.input[0]], _dq_input(int8, tnode, test))
-        out_sqnr = _sqnr_db(ref[node.output[0]], test[tnode.output[0]])
-        w = inits.get(node.input[1])
+    for k, (r, t) in enumerate(pairs):
+        w = inits.get(r.input[1])
         result.layers.append(
             LayerError(
-                layer=node.name,
-                output_sqnr_db=out_sqnr,
-                added_error_db=(min(in_sqnr, 200.0) - min(out_sqnr, 200.0)),
-                weight_sqnr_db=_weight_sqnr(int8, tnode, w) if w is not None else None,
+                layer=r.name,
+                output_sqnr_db=sqnr[k + 1],
+                added_error_db=sqnr[k] - sqnr[k + 1],
+                weight_sqnr_db=_weight_sqnr(int8, t, w) if w is not None else None,
             )
         )
     return result
-
-
-def _dq_input(model: onnx.ModelProto, node: onnx.NodeProto, values: dict[str, np.ndarray]) -> np.ndarray:
-    """The activation a layer actually consumes (after its input QDQ pair, if any)."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    name = node.input[0]
-    prod = producers.get(name)
-    if prod is not None and prod.op_type == "DequantizeLinear":
-        q = producers.get(prod.input[0])
-        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in values:
-            x = values[q.input[0]]
-            scale = inits[q.input[1]].astype(np.float32)
-            zp = inits[q.input[2]].astype(np.int32) if len(q.input) > 2 else np.int32(0)
-            qx = np.clip(np.rint(x / scale) + zp, -128, 127)
-            return ((qx - zp) * scale).astype(np.float32)
-    return values[name]
 
 
 def _weight_sqnr(model: onnx.ModelProto, node: onnx.NodeProto, w_fp32: np.ndarray) -> float | None:
