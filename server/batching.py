@@ -44,7 +44,7 @@ class _Pending:
         self.n = int(pixels.shape[0])
         self.deadline = deadline
         self.is_cancelled = is_cancelled
-        self.event = threading.Event()
+        self.event: threading.Event | None = None  # made only when the request has to wait
         self.state = _QUEUED
         self.result: Result | None = None
         self.error: BaseException | None = None
@@ -116,25 +116,33 @@ class Batcher:
 
         `deadline` is on this batcher's clock (time.monotonic by default).
         """
-        now = self._clock()
-        p = _Pending(pixels, deadline, is_cancelled, now)
+        n = int(pixels.shape[0])
         with self._lock:
-            if self._queued_images + p.n > self.max_queue:
+            if self._queued_images + n > self.max_queue:
                 self.stats.rejected_full += 1
                 raise ResourceExhausted(
-                    f"server queue is full: {self._queued_images} images waiting, this request adds {p.n}, "
+                    f"server queue is full: {self._queued_images} images waiting, this request adds {n}, "
                     f"limit {self.max_queue} (--max-queue); retry later"
                 )
-            self._queue.append(p)
-            self._queued_images += p.n
             self.stats.requests += 1
-            if self._busy:
-                self._arrival.notify()
-                lead = False
-            else:
+            if not self._busy and self.max_queue_delay_s == 0:
+                # Idle: run at once, in this thread, with nothing queued behind us yet.
                 self._busy = True
-                p.state = _LEADER
-                lead = True
+                p = None
+            else:
+                p = _Pending(pixels, deadline, is_cancelled, self._clock())
+                self._queue.append(p)
+                self._queued_images += n
+                if self._busy:
+                    p.event = threading.Event()
+                    self._arrival.notify()
+                    lead = False
+                else:
+                    self._busy = True
+                    p.state = _LEADER
+                    lead = True
+        if p is None:
+            return self._run_alone(pixels)
         if not lead:
             lead = self._wait(p)
         if lead:
@@ -143,6 +151,28 @@ class Batcher:
             raise p.error
         assert p.result is not None
         return p.result
+
+    def _run_alone(self, pixels: np.ndarray) -> Result:
+        """The idle fast path: one request, no queue, no hand-off."""
+        start = self._clock()
+        run, tag = self._run, self._tag
+        try:
+            probs, digits = run(pixels)
+        except BaseException:
+            self._handoff()
+            raise
+        end = self._clock()
+        n = int(pixels.shape[0])
+        with self._lock:
+            s = self.stats
+            s.batches += 1
+            s.images += n
+            s.batch_sizes[n] += 1
+            s.compute_seconds += end - start
+        if self._on_batch is not None:
+            self._on_batch(n, [0.0], end - start)
+        self._handoff()
+        return probs, digits, tag
 
     def _wait(self, p: _Pending) -> bool:
         """Wait for our result or for the leader role; True when we must lead."""
@@ -215,8 +245,11 @@ class Batcher:
             batch = self._take()
         if batch:
             self._execute(batch)
+        self._handoff()
+
+    def _handoff(self) -> None:
+        """Hand over: the oldest live waiting request becomes the next leader, or we go idle."""
         with self._lock:
-            # Hand over: the oldest live waiting request becomes the next leader.
             now = self._clock()
             while self._queue:
                 head = self._queue[0]

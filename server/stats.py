@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 
@@ -44,13 +45,8 @@ class Histogram:
             self.counts = [0] * (len(self.buckets) + 1)
 
     def observe(self, value: float) -> None:
-        i = 0
-        for i, bound in enumerate(self.buckets):  # noqa: B007 - few buckets, no bisect import needed
-            if value <= bound:
-                break
-        else:
-            i = len(self.buckets)
-        self.counts[i] += 1
+        # bisect_left: the first bucket whose upper bound is >= value (Prometheus' "le").
+        self.counts[bisect_left(self.buckets, value)] += 1
         self.total += value
         self.n += 1
 

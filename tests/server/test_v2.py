@@ -236,3 +236,33 @@ def test_model_statistics_count_requests_and_batches(stub, reference):
     assert any(b.batch_size == 3 for b in after.batch_stats)
     assert after.last_inference > 0
     assert_status(lambda: stub.ModelStatistics(pb.ModelStatisticsRequest(name="other")), grpc.StatusCode.NOT_FOUND, "unknown model")
+
+
+def test_concurrent_distinct_requests_get_their_own_answers(server, mnist):
+    """Many callers at once, each with different images: batched, and routed back exactly."""
+    from concurrent import futures
+
+    from helpers.servers import ort_reference
+
+    images = mnist.test.images[:600]
+    _, digits = ort_reference(server.core.model.file, images)
+    before = server.core.batcher.stats.batches
+    requests_before = server.core.batcher.stats.requests
+
+    def call(i: int):
+        with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            s = pb_grpc.GRPCInferenceServiceStub(ch)
+            got = []
+            for j in range(i, len(images), 24):
+                k = 1 + j % 3
+                batch = images[j : j + k]
+                got.append((j, outputs(s.ModelInfer(infer_request(batch), timeout=30))["digit"].tolist()))
+            return got
+
+    with futures.ThreadPoolExecutor(24) as pool:
+        for results in pool.map(call, range(24)):
+            for j, got in results:
+                assert got == digits[j : j + len(got)].tolist(), j
+    batches = server.core.batcher.stats.batches - before
+    requests = server.core.batcher.stats.requests - requests_before
+    assert batches < requests  # some requests shared a batch
