@@ -131,6 +131,8 @@ def normalize(gray: np.ndarray) -> np.ndarray:
         raise ImageError(f"expected a 2-D grayscale image, got shape {list(a.shape)}")
     if not np.isfinite(a).all():
         raise ImageError("image contains NaN or infinite values")
+    # Grayscale is 0..255; anything outside is clipped rather than allowed to skew the stretch.
+    a = np.clip(a, 0.0, 255.0)
 
     # Polarity: the border is mostly background. Dark-on-light pictures are inverted.
     border = np.concatenate([a[0, :], a[-1, :], a[:, 0], a[:, -1]])
@@ -151,6 +153,8 @@ def normalize(gray: np.ndarray) -> np.ndarray:
     mask = ink > 0.2 * 255.0
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:  # cannot happen after the stretch (the peak is 255), but never index an empty crop
+        raise ImageError(f"image {a.shape[1]}x{a.shape[0]} has no visible ink; expected a digit")
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     # Drop the faint haze below the threshold outside strokes (JPEG ringing, paper texture).
     crop = np.where(crop > 0.1 * 255.0, crop, 0.0)
