@@ -126,6 +126,9 @@ class DigitClient:
             ("grpc.enable_retries", 1),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # gRPC buffers a call for retries only up to this size (256 KiB by default); a larger
+            # request would be committed once sent and not retried on another replica.
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
             *options,
         ]
         if credentials is not None:

@@ -1,0 +1,428 @@
+"""deploy/Dockerfile, checked without a container engine.
+
+No engine runs here, so the image is never built. Instead a small, real parser
+(dockerfile_parser.py, self-checked below) reads the Dockerfile: the instructions it uses
+(FROM, ENV, RUN, USER, EXPOSE, HEALTHCHECK, CMD, STOPSIGNAL), line continuations, comments and
+Docker's variable substitution. The static facts are asserted (slim base, two stages, numeric
+non-root USER, base install only, no torch, ports), the filtered build context is shown to build
+the wheel with the model inside, and then the image's EXACT `CMD` and `HEALTHCHECK` argv are run
+with the final stage's `ENV` applied, in a fresh server-only environment made the way the image
+makes it (`pip install --no-index --find-links WHEELHOUSE mnist-edge`, no extras), with the
+working directory outside the checkout. What cannot be checked without an engine: the base
+image's own contents, the bind mount, file ownership inside the image.
+
+The wheelhouse is MNIST_EDGE_WHEELHOUSE or `<repo>/wheelhouse` (scripts/test builds it), as
+for tests/server/test_install.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+DOCKERIGNORE = REPO / "deploy" / "Dockerfile.dockerignore"
+SETUP = "python -m pip wheel --wheel-dir wheelhouse .   (from the repository root)"
+
+
+def _load_parser():
+    """tests/deploy/dockerfile_parser.py, by path: tests/deploy is not on sys.path."""
+    name = "mnist_edge_tests_dockerfile_parser"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("dockerfile_parser.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before exec: dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+_parser = _load_parser()
+Instruction, Stage, Healthcheck, DockerfileError = _parser.Instruction, _parser.Stage, _parser.Healthcheck, _parser.DockerfileError
+parse_dockerfile, parse_env_args, parse_command = _parser.parse_dockerfile, _parser.parse_env_args, _parser.parse_command
+parse_healthcheck, parse_expose, parse_run, substitute = _parser.parse_healthcheck, _parser.parse_expose, _parser.parse_run, _parser.substitute
+
+
+# -- parser self-checks (what the Dockerfile checks below rely on) -------------------------
+
+def test_parser_reads_what_docker_reads():
+    text = (
+        "# syntax=docker/dockerfile:1\n"
+        "ARG X=1\n"
+        "FROM python:3.11-slim AS b\n"
+        "RUN echo a \\\n"
+        "  # a comment inside a continuation\n"
+        "  && echo b\n"
+        "FROM python:3.11-slim\n"
+        "ENV A=1 B=\"two words\" C='$A' \\\n"
+        "    PATH=/v/bin:$PATH\n"
+        "ENV A=2 D=$A E=${A:-x} F=${MISSING:-dflt} G=${A:+set}\n"
+        "ENV LEGACY value with spaces\n"
+        "EXPOSE 50051 9464/udp\n"
+        "HEALTHCHECK --interval=5s CMD [\"h\", \"--x\"]\n"
+        "CMD echo shell form\n"
+    )
+    b, final = parse_dockerfile(text)
+    assert (b.base, b.name, final.base, final.name) == ("python:3.11-slim", "b", "python:3.11-slim", None)
+    assert parse_run(b.all("RUN")[0].args)[1] == [["echo", "a"], ["echo", "b"]]
+    env = final.env({"PATH": "/usr/bin"})
+    assert env == {"PATH": "/v/bin:/usr/bin", "A": "2", "B": "two words", "C": "$A", "D": "1", "E": "1", "F": "dflt", "G": "set", "LEGACY": "value with spaces"}
+    assert parse_expose(final.last("EXPOSE").args, env) == {(50051, "tcp"), (9464, "udp")}
+    hc = parse_healthcheck(final.last("HEALTHCHECK").args)
+    assert hc.options == {"interval": "5s"} and hc.form == "exec" and hc.argv == ["h", "--x"]
+    assert parse_command(final.last("CMD").args) == ("shell", ["/bin/sh", "-c", "echo shell form"])
+    with pytest.raises(DockerfileError):
+        parse_command('["unterminated"')
+    with pytest.raises(DockerfileError):
+        parse_dockerfile("RUN true\n")
+
+
+# -- static facts about deploy/Dockerfile ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stages() -> list[Stage]:
+    return parse_dockerfile(DOCKERFILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def final(stages) -> Stage:
+    return stages[-1]
+
+
+def _image_env(final: Stage) -> dict[str, str]:
+    # The python image's PATH (what `$PATH` in ENV expands to inside the image).
+    return final.env({"PATH": "/usr/local/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def test_multi_stage_on_python_slim(stages, final):
+    assert len(stages) >= 2, "a builder stage and a final stage"
+    slim = re.compile(r"^python:3\.11-slim(-bookworm)?(@sha256:[0-9a-f]{64})?$")
+    assert slim.match(final.base), f"final stage base {final.base!r} is not python:3.11-slim (Debian bookworm)"
+    builder = stages[0]
+    assert builder.name, "the builder stage is named, for the final stage to take its wheels"
+    # Wheels built in the builder must match the final interpreter (cp311, same glibc).
+    assert builder.base.split("@")[0] == final.base.split("@")[0]
+    assert any("pip wheel" in r.args and "--wheel-dir /wheels" in r.args for r in builder.all("RUN"))
+
+
+def test_final_stage_runs_as_a_fixed_non_root_user(final):
+    user = final.last("USER")
+    assert user is not None, "the final stage sets USER"
+    uid, _, gid = user.args.partition(":")
+    # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+    assert uid.isdigit() and int(uid) != 0, f"USER {user.args!r} is not a numeric non-root UID"
+    assert not gid or (gid.isdigit() and int(gid) != 0)
+    # ...and it exists in the image (a passwd entry), created with that very UID.
+    created = [cmd for r in final.all("RUN") for cmd in parse_run(r.args)[1] if cmd and cmd[0] == "useradd"]
+    assert created and uid in created[0][created[0].index("--uid") + 1 :][:1], f"no `useradd --uid {uid}` in the final stage"
+    # Every RUN (the install) happens before USER: the runtime user cannot write the venv.
+    assert all(r.line < user.line for r in final.all("RUN"))
+
+
+def test_final_stage_installs_only_the_base_install(final):
+    text = " ".join(i.args for i in final.instructions).lower()
+    for banned in ("torch", "[train", "mnist-edge[", "onnxscript", "requirements"):
+        assert banned not in text, f"the final stage mentions {banned!r}"
+    assert not final.all("COPY") and not final.all("ADD"), "the final stage copies nothing: code and model come in the wheel"
+    installs = []
+    for r in final.all("RUN"):
+        flags, commands = parse_run(r.args)
+        for cmd in commands:
+            if len(cmd) > 1 and cmd[0].endswith("pip") and cmd[1] == "install":
+                installs.append((flags, cmd))
+    assert len(installs) == 1, installs
+    flags, cmd = installs[0]
+    assert flags.get("mount", "").startswith("type=bind,from=") and "target=/wheels" in flags["mount"]
+    assert "--no-index" in cmd and cmd[cmd.index("--find-links") + 1] == "/wheels"
+    takes_value = {"--find-links", "-f", "--index-url", "-i", "--extra-index-url", "-c", "-r"}
+    positional = [t for k, t in enumerate(cmd[2:], 2) if not t.startswith("-") and cmd[k - 1] not in takes_value]
+    assert positional == ["mnist-edge"], f"install exactly the base requirement `mnist-edge`, got {positional}"
+    # The venv it installs into is the one ENV puts first on PATH.
+    env = _image_env(final)
+    assert cmd[0] == f"{env['VIRTUAL_ENV']}/bin/pip"
+    assert env["PATH"].split(":")[0] == f"{env['VIRTUAL_ENV']}/bin"
+
+
+def test_ports_env_healthcheck_and_cmd_agree(final):
+    env = _image_env(final)
+    host, port = _host_port(env["MNIST_EDGE_ADDRESS"])
+    mhost, mport = _host_port(env["MNIST_EDGE_METRICS_ADDRESS"])
+    assert host == "0.0.0.0" and mhost == "0.0.0.0", "in a container the server listens on all interfaces"
+    assert parse_expose(final.last("EXPOSE").args, env) == {(port, "tcp"), (mport, "tcp")} == {(50051, "tcp"), (9464, "tcp")}
+    assert env["MNIST_EDGE_LOG_FORMAT"] == "json"
+
+    form, argv = parse_command(final.last("CMD").args)
+    assert form == "exec" and argv == ["mnist-edge", "serve"], "exec form: the server is PID 1 and gets SIGTERM itself"
+    assert final.last("STOPSIGNAL").args == "SIGTERM"
+    assert not final.all("ENTRYPOINT")
+
+    hc = parse_healthcheck(final.last("HEALTHCHECK").args)
+    assert hc is not None and hc.form == "exec"
+    assert hc.argv[:2] == ["mnist-edge", "health"]
+    assert hc.argv[hc.argv.index("--target") + 1] == f"127.0.0.1:{port}", "the health check asks the port the server listens on"
+    # The start period covers model verification; the check's own timeout outlasts the command's.
+    assert "start-period" in hc.options and "timeout" in hc.options
+    seconds = lambda v: float(v.rstrip("s"))  # noqa: E731
+    if "--timeout" in hc.argv:
+        assert float(hc.argv[hc.argv.index("--timeout") + 1]) < seconds(hc.options["timeout"])
+    # docker stop waits 10 s before SIGKILL: drain + grace fit inside it.
+    assert float(env.get("MNIST_EDGE_DRAIN_DELAY_S", 0)) + float(env.get("MNIST_EDGE_GRACE_S", 10)) < 10
+
+
+# -- the build context: deploy/Dockerfile.dockerignore ---------------------------------------
+
+def _ignore_patterns() -> list[tuple[bool, str]]:
+    patterns = []
+    for raw in DOCKERIGNORE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        patterns.append((negate, line[1:].strip() if negate else line))
+    return patterns
+
+
+def _excluded(rel: str, patterns) -> bool:
+    """Docker's rule: the last matching pattern wins; a pattern matching a directory covers
+    everything under it; `**` matches any number of directories."""
+    parts = rel.split("/")
+    excluded = False
+    for negate, pattern in patterns:
+        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        for k in range(1, len(parts) + 1):
+            if re.fullmatch(regex, "/".join(parts[:k])):
+                excluded = not negate
+                break
+    return excluded
+
+
+def _context_files(patterns) -> list[str]:
+    files = []
+    for root, dirs, names in os.walk(REPO):
+        rel_root = Path(root).relative_to(REPO).as_posix()
+        dirs[:] = [d for d in dirs if d not in (".git",) and not d.startswith(".venv")]
+        for name in names:
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            if not _excluded(rel, patterns):
+                files.append(rel)
+    return sorted(files)
+
+
+def test_dockerignore_matcher():
+    pats = [(False, "*"), (False, "x"), (True, "pkg"), (False, "**/__pycache__")]
+    assert _excluded("README.md", pats) and _excluded(".venv/bin/python", pats)
+    assert not _excluded("pkg/a.py", pats) and _excluded("pkg/__pycache__/a.pyc", pats)
+
+
+def test_build_context_is_what_the_wheel_needs_and_nothing_else(tmp_path):
+    """The filtered context builds the wheel (offline, no build isolation) with the shipped
+    model inside, and leaves out environments, wheelhouses, runs and tests."""
+    patterns = _ignore_patterns()
+    files = _context_files(patterns)
+    for outside in (".venv/bin/python", ".git/HEAD", "wheelhouse/x.whl", "runs/mnist.pt", "reports/x", "tests/conftest.py", "build/lib/x", "deploy/Dockerfile"):
+        assert _excluded(outside, patterns), f"{outside} would be sent to the builder"
+    assert "pyproject.toml" in files and "models/manifest.json" in files
+    context = tmp_path / "context"
+    for rel in files:
+        (context / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, context / rel)
+    out = tmp_path / "wheels"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "--wheel-dir", str(out), str(context)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PIP_CONFIG_FILE": os.devnull},
+    )
+    assert proc.returncode == 0, f"the wheel does not build from the filtered context:\n{proc.stderr[-3000:]}"
+    (wheel,) = out.glob("mnist_edge-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    manifest = json.loads((REPO / "models" / "manifest.json").read_text())
+    assert "mnist_edge/models/manifest.json" in names
+    for entry in manifest["models"].values():
+        assert f"mnist_edge/models/{entry['file']}" in names, entry["file"]
+    for module in ("server/cli.py", "client/health_cli.py", "mnist_edge/cli.py", "protos/digits/v1/digits_pb2.py"):
+        assert module in names, module
+
+
+# -- the image's CMD and HEALTHCHECK, run for real -----------------------------------------
+
+def wheelhouse() -> Path:
+    configured = os.environ.get("MNIST_EDGE_WHEELHOUSE")
+    path = Path(configured) if configured else REPO / "wheelhouse"
+    if configured and not path.is_dir():
+        pytest.fail(f"MNIST_EDGE_WHEELHOUSE={configured} is not a directory; build it with: {SETUP}")
+    if path.is_dir() and any(path.glob("mnist_edge-*.whl")):
+        return path
+    message = f"no wheelhouse with the mnist-edge wheel at {path}; set MNIST_EDGE_WHEELHOUSE or build it with: {SETUP}"
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def base_python() -> str:
+    """The interpreter this test's venv was made from (not the venv's own python)."""
+    candidate = getattr(sys, "_base_executable", None)
+    if candidate and Path(candidate).exists() and Path(candidate).resolve() != Path(sys.executable).resolve():
+        return candidate
+    venv_bin = Path(sys.prefix) / "bin"
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != venv_bin)
+    found = shutil.which("python3", path=path)
+    if not found:
+        pytest.fail("no base python3 found to create a fresh virtual environment with")
+    return found
+
+
+def clean_env() -> dict[str, str]:
+    """No PYTHONPATH, no active venv, no project or pip configuration leaking in."""
+    drop = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PYTHONUSERBASE")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("PIP_", "MNIST_EDGE_"))}
+    venv_bin = str(Path(sys.prefix) / "bin")
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """What the image's install RUN makes: a venv with `pip install --no-index --find-links
+    WHEELHOUSE mnist-edge` (the base install, no extras)."""
+    wheels = wheelhouse()
+    root = tmp_path_factory.mktemp("image")
+    venv = root / "venv"
+    env = clean_env()
+    proc = subprocess.run([base_python(), "-m", "venv", str(venv)], cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--no-index", "--find-links", str(wheels), "mnist-edge"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"server-only install failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return venv
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def container_env(final: Stage, venv: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(the process environment, the overrides made) for running the image's commands here."""
+    host = clean_env()
+    image_env = final.env({"PATH": host["PATH"]})  # `$PATH` expands to this machine's PATH
+    image_venv = image_env["VIRTUAL_ENV"]
+    env = dict(host)
+    for key, value in image_env.items():
+        env[key] = value.replace(image_venv, str(venv))  # /opt/mnist-edge/venv is here the test's venv
+    # The image listens on 0.0.0.0 (every interface of the container's own network namespace).
+    # Tests only use loopback, and in parallel: here that becomes 127.0.0.1 on free ports.
+    overrides = {
+        "MNIST_EDGE_ADDRESS": f"127.0.0.1:{free_port()}",
+        "MNIST_EDGE_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+        # Not in the image (Kubernetes sets it): a drain delay keeps the process alive after
+        # SIGTERM, so the test sees the HEALTHCHECK fail while the server still runs, not
+        # only once it is gone.
+        "MNIST_EDGE_DRAIN_DELAY_S": "1.5",
+    }
+    env.update(overrides)
+    return env, overrides
+
+
+def test_env_names_are_server_flags(final, installed, tmp_path):
+    """A misspelt MNIST_EDGE_* variable is silently ignored: every one the image sets must be
+    one the installed server reads (its --help lists `[env MNIST_EDGE_...]` per flag)."""
+    env, _ = container_env(final, installed)
+    proc = subprocess.run(["mnist-edge", "serve", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    known = set(re.findall(r"\[env\s+(MNIST_EDGE_[A-Z0-9_]+)\]", proc.stdout))
+    assert "MNIST_EDGE_ADDRESS" in known, proc.stdout
+    image = {k for k in _image_env(final) if k.startswith("MNIST_EDGE_")}
+    assert image and image <= known, f"unknown to the server: {sorted(image - known)}"
+
+
+def test_image_cmd_serves_and_healthcheck_follows_the_lifecycle(final, installed, tmp_path):
+    env, overrides = container_env(final, installed)
+    _, cmd = parse_command(final.last("CMD").args)
+    hc = parse_healthcheck(final.last("HEALTHCHECK").args)
+    image_port = _host_port(_image_env(final)["MNIST_EDGE_ADDRESS"])[1]
+    health = list(hc.argv)
+    target = health.index("--target") + 1
+    assert health[target] == f"127.0.0.1:{image_port}"
+    health[target] = overrides["MNIST_EDGE_ADDRESS"]  # the same command, at the test's port
+
+    # The commands resolve through the image's PATH to the server-only install.
+    for argv in (cmd, health):
+        found = shutil.which(argv[0], path=env["PATH"])
+        assert found and Path(found).parent == installed / "bin", found
+
+    cwd = tmp_path / "workdir"  # outside the checkout: nothing of the repository is importable
+    cwd.mkdir()
+
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run(health, cwd=cwd, env=env, capture_output=True, text=True, timeout=30)
+
+    before = check()
+    assert before.returncode != 0, "HEALTHCHECK passes with no server running"
+
+    err_path = tmp_path / "serve.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        codes = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited {proc.returncode} before SERVING:\n{err_path.read_text()[-3000:]}")
+            result = check()
+            codes.append(result.returncode)
+            if result.returncode == 0:
+                break
+            time.sleep(0.2)
+        assert codes and codes[-1] == 0, f"HEALTHCHECK never passed within 90s: {codes}\n{err_path.read_text()[-3000:]}"
+        assert set(codes[:-1]) <= {1, 2}, codes  # not ready (1) or not listening yet (2) before SERVING
+
+        # The metrics port (EXPOSE 9464 in the image) answers too.
+        with urllib.request.urlopen(f"http://{overrides['MNIST_EDGE_METRICS_ADDRESS']}/metrics", timeout=10) as r:
+            assert r.status == 200 and b"# TYPE" in r.read()
+
+        proc.send_signal(signal.SIGTERM)  # what STOPSIGNAL makes `docker stop` send
+        draining = None
+        while proc.poll() is None:
+            result = check()
+            if proc.poll() is None and result.returncode != 0:
+                draining = result.returncode
+                break
+        assert draining == 1, "HEALTHCHECK still passed (or the server had already gone) after SIGTERM"
+        assert proc.wait(timeout=30) == 0
+        assert check().returncode != 0, "HEALTHCHECK passes after the server exited"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    # The image's ENV reached the server: JSON logs (MNIST_EDGE_LOG_FORMAT), the image's grace.
+    lines = [line for line in err_path.read_text().splitlines() if line.strip()]
+    events = [json.loads(line) for line in lines]  # every line is JSON, or this raises
+    serving = [e for e in events if e.get("event") == "serving"]
+    assert len(serving) == 1 and serving[0]["msg"] == f"serving on {overrides['MNIST_EDGE_ADDRESS']}"
+    stopping = [e for e in events if e.get("event") == "stopping"]
+    assert stopping and float(stopping[0]["grace_s"]) == float(_image_env(final)["MNIST_EDGE_GRACE_S"])
+    assert events[-1]["event"] == "stopped"
