@@ -23,7 +23,7 @@ UNARY = "/bench.Echo/Echo"
 STREAM = "/bench.Echo/EchoStream"
 
 
-def create_server(address: str = "127.0.0.1:0", threads: int = 128) -> tuple[grpc.Server, str]:
+def create_server(address: str = "127.0.0.1:0", threads: int = 64) -> tuple[grpc.Server, str]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=[
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.splitlines()[0])
     p.add_argument("--address", default="127.0.0.1:0")
     p.add_argument("--port-file", default=None)
-    p.add_argument("--threads", type=int, default=128, help="handler threads (mnist-edge's default)")
+    p.add_argument("--threads", type=int, default=64, help="handler threads (mnist-edge's default)")
     args = p.parse_args(argv)
     server, address = create_server(args.address, args.threads)
     server.start()

@@ -97,7 +97,8 @@ async def _stream(address: str, method: str, payload: bytes, concurrency: int, c
     lat: list[int] = []
     errors: dict[str, int] = {}
     budget = [max_requests]
-    deadline = time.perf_counter() + max_seconds
+    deadline = [0.0]  # set once every stream has warmed up
+    cpu_at_start = [0.0]
     started = asyncio.Event()
     ready = [0]
 
@@ -109,9 +110,11 @@ async def _stream(address: str, method: str, payload: bytes, concurrency: int, c
             await call.read()
         ready[0] += 1
         if ready[0] == concurrency:
+            deadline[0] = time.perf_counter() + max_seconds
+            cpu_at_start[0] = _cpu()
             started.set()
         await started.wait()
-        while budget[0] > 0 and time.perf_counter() < deadline:
+        while budget[0] > 0 and time.perf_counter() < deadline[0]:
             budget[0] -= 1
             t = clock()
             await call.write(payload)
@@ -122,12 +125,12 @@ async def _stream(address: str, method: str, payload: bytes, concurrency: int, c
             lat.append(clock() - t)
         await call.done_writing()
 
-    cpu0, t0 = _cpu(), time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
+    end, cpu_end = time.perf_counter(), _cpu()
+    seconds = end - (deadline[0] - max_seconds) if deadline[0] else 0.0  # the measured window only
     for c in chans:
         await c.close()
-    return LoadResult(len(lat), sum(errors.values()), seconds, np.array(lat, dtype=np.float64) / 1e3, cpu, errors)
+    return LoadResult(len(lat), sum(errors.values()), seconds, np.array(lat, dtype=np.float64) / 1e3, cpu_end - cpu_at_start[0], errors)
 
 
 def run(
@@ -145,7 +148,19 @@ def run(
     """Drive `method` at `address` in a closed loop; bounded by `max_requests` and `max_seconds`."""
     channels = channels or min(concurrency, 8)
     fn = _stream if stream else _unary
-    return asyncio.run(fn(address, method, payload, concurrency, channels, max_requests, max_seconds, warmup))
+    return _loop().run_until_complete(fn(address, method, payload, concurrency, channels, max_requests, max_seconds, warmup))
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    """One event loop for every run in this process: grpc.aio binds its poller to the first
+    loop it sees, and a second asyncio.run() loop can wait forever on calls that never complete."""
+    global _LOOP
+    if _LOOP is None or _LOOP.is_closed():
+        _LOOP = asyncio.new_event_loop()
+    return _LOOP
 
 
 def pin_to(cpu: int) -> bool:

@@ -91,6 +91,10 @@ def run(models_dir: Path, budgets: Budgets, *, data_dir: str | None = None, offl
             acc32 = fp32.accuracy(labels)
             gate.checks.append(_check("accuracy drop (fp32 - int8)", acc32 - acc8, "<=", budgets.max_drop, f"fp32 {acc32:.4f}"))
             gate.checks.append(_check("int8 vs fp32 top-1 agreement", float((int8.digits == fp32.digits).mean()), ">=", budgets.min_agreement))
+        ort = preds.get("ort")
+        if ort is not None:
+            differ = int((ort.digits != int8.digits).sum())
+            gate.checks.append(_check("ORT-format copy: digits that differ from int8", differ, "<=", 0, "must be identical"))
     return gate
 
 

@@ -283,6 +283,21 @@ def run(cfg: ExportConfig, log: Callable[[str], None] = print, quantizer: Callab
                 agreement=float((fp32_p.digits == torch_p.digits).mean()), fp32_layers=[],
             ),
         }
+        # An ORT-format copy for onnxruntime minimal builds; it must give exactly the int8 model's digits.
+        from export.ort_format import to_ort
+        from export.ort_format import verify as verify_ort
+
+        ort_bytes = to_ort(int8_bytes)
+        report["ort_format"] = verify_ort(ort_bytes, int8_bytes, test_images)
+        models["ort"] = mf.model_entry(
+            "int8", ort_bytes, precision="int8", accuracy=int8_p.accuracy(test_labels),
+            agreement=record["agreement_with_torch"], fp32_layers=fp32_layers,
+            extra={
+                "file": mf.content_name("int8", ort_bytes, ".ort"),
+                "format": "ort",
+                "ort": {"optimization_level": "extended", "qdq_int8_allowed": False, "same_digits_as": models["int8"]["file"]},
+            },
+        )
         manifest = mf.build(
             version=cfg.version,
             models=models,
@@ -308,7 +323,7 @@ def run(cfg: ExportConfig, log: Callable[[str], None] = print, quantizer: Callab
             signature = sign(manifest_bytes, cfg.sign_key)
         mf.publish(
             cfg.out,
-            {models["int8"]["file"]: int8_bytes, models["fp32"]["file"]: fp32_bytes},
+            {models["int8"]["file"]: int8_bytes, models["fp32"]["file"]: fp32_bytes, models["ort"]["file"]: ort_bytes},
             manifest_bytes,
             signature,
         )

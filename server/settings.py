@@ -50,7 +50,7 @@ class Settings:
     health_address: str | None = _opt(None, "HOST:PORT for a plaintext health-only listener (for probes that cannot speak TLS)")
     metrics_address: str = _opt("127.0.0.1:9464", 'HOST:PORT for the Prometheus /metrics endpoint ("" turns it off)')
     intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per session")
-    handler_threads: int = _opt(128, "gRPC handler threads (concurrent calls being served)")
+    handler_threads: int = _opt(64, "gRPC handler threads: calls served at once (each open stream holds one); threads start on demand")
     max_concurrent_rpcs: int = _opt(1024, "calls accepted at once; more get RESOURCE_EXHAUSTED from gRPC")
     log_format: str = _opt("json", "log line format: json or text", choices=("json", "text"))
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))

@@ -38,6 +38,9 @@ class _Channel:
 
 
 def main() -> int:
+    from server.cli import limit_malloc_arenas
+
+    limit_malloc_arenas()
     settings = Settings(**json.loads(os.environ["MNIST_EDGE_WORKER_SETTINGS"]))
     logs.setup(settings.log_format, settings.log_level)
     channel = _Channel()

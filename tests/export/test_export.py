@@ -54,19 +54,22 @@ def test_manifest_schema_and_content_addressing(exported):
     assert manifest["input"]["name"] == "pixels" and manifest["input"]["dtype"] == "uint8"
     assert manifest["input"]["shape"] == [-1, 28, 28]
     assert [o["name"] for o in manifest["outputs"]] == ["probabilities", "digit"]
-    for kind in ("int8", "fp32"):
+    for kind in ("int8", "fp32", "ort"):
         entry = manifest["models"][kind]
         data = (models / entry["file"]).read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         assert entry["sha256"] == digest and entry["bytes"] == len(data)
-        assert entry["file"] == f"mnist-{kind}-{digest[:12]}.onnx"
-        assert entry["precision"] == kind and entry["format"] == "onnx"
+        precision = "int8" if kind == "ort" else kind
+        assert entry["file"] == f"mnist-{precision}-{digest[:12]}.{entry['format']}"
+        assert entry["precision"] == precision and entry["format"] == ("ort" if kind == "ort" else "onnx")
         assert 0.8 <= entry["accuracy"] <= 1 and entry["agreement_with_torch"] >= 0.98
     assert manifest["models"]["int8"]["fp32_layers"] == []
     assert len(manifest["golden"]) == 20 and sorted({g["digit"] for g in manifest["golden"]}) == list(range(10))
     assert all(len(__import__("base64").b64decode(g["pixels"])) == 784 for g in manifest["golden"])
     assert "timestamp" not in json.dumps(manifest) and "seconds" not in json.dumps(manifest)
-    assert sorted(p.name for p in models.iterdir()) == sorted(["manifest.json", manifest["models"]["int8"]["file"], manifest["models"]["fp32"]["file"]])
+    assert sorted(p.name for p in models.iterdir()) == sorted(["manifest.json", *(e["file"] for e in manifest["models"].values())])
+    ort = manifest["models"]["ort"]
+    assert ort["format"] == "ort" and ort["file"].endswith(".ort") and ort["ort"]["same_digits_as"] == manifest["models"]["int8"]["file"]
 
 
 def test_onnx_contract_and_metadata(exported):
