@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
+from bench import perf_analyzer
 from bench.run import BenchConfig, run, write
 
 
@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold-starts", type=int, default=d.cold_starts, help="cold starts to time")
     p.add_argument("--server-arg", action="append", default=[], help="extra `mnist-edge serve` argument (repeatable), e.g. --server-arg=--workers=2")
     p.add_argument("--out", type=Path, default=d.out_dir, help="directory for bench.json and bench.md")
-    p.add_argument("--perf-analyzer", default=None, help="path to Triton's perf_analyzer (default: found on PATH or in .venv-triton)")
+    p.add_argument("--perf-analyzer", default=None, help="path to Triton's perf_analyzer (default: MNIST_EDGE_PERF_ANALYZER, PATH, or .venv-triton)")
     args = p.parse_args(argv)
-    pa = args.perf_analyzer or shutil.which("perf_analyzer") or _venv_triton_pa()
+    found = perf_analyzer.find(args.perf_analyzer)
+    pa = str(found) if found else None
     cfg = BenchConfig(
         rounds=args.rounds, seconds=args.seconds, max_requests=args.max_requests, concurrency=args.concurrency,
         payloads=args.payloads, stream=args.stream, cold_starts=args.cold_starts, server_args=tuple(args.server_arg),
@@ -39,11 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     print(m.read_text())
     print(f"wrote {j} and {m}", file=sys.stderr)
     return 0
-
-
-def _venv_triton_pa() -> str | None:
-    candidate = Path(__file__).resolve().parent.parent / ".venv-triton" / "bin" / "perf_analyzer"
-    return str(candidate) if candidate.exists() else None
 
 
 if __name__ == "__main__":

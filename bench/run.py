@@ -26,6 +26,7 @@ import numpy as np
 
 from bench import floor as floor_mod
 from bench import loadgen
+from bench import perf_analyzer as pa_mod
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 CLASSIFY_STREAM = "/digits.v1.DigitClassifier/ClassifyStream"
@@ -84,11 +85,14 @@ def _pin(cpu: int):
 
 def start(cmd: list[str], port_file: Path, cpu: int = SERVER_CPU, timeout: float = 60) -> Proc:
     port_file.unlink(missing_ok=True)
-    p = subprocess.Popen(cmd + ["--port-file", str(port_file)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_pin(cpu), text=True)
+    # stderr goes to a file, never an unread pipe: a full pipe would block the server's logging.
+    log_path = port_file.with_suffix(".log")
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd + ["--port-file", str(port_file)], stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_pin(cpu), text=True)
     end = time.monotonic() + timeout
     while not port_file.exists():
         if p.poll() is not None:
-            raise RuntimeError(f"{' '.join(cmd)} exited with {p.returncode}: {p.stderr.read()[-2000:]}")
+            raise RuntimeError(f"{' '.join(cmd)} exited with {p.returncode}: {log_path.read_text()[-2000:]}")
         if time.monotonic() > end:
             p.kill()
             raise RuntimeError(f"{' '.join(cmd)} did not open its port within {timeout}s")
@@ -115,7 +119,9 @@ def wait_serving(address: str, timeout: float = 60.0, interval: float = 0.002) -
 
 
 def server_cmd(cfg: BenchConfig) -> list[str]:
-    return [sys.executable, "-m", "mnist_edge", "serve", "--address", "127.0.0.1:0", "--log-level", "warning", *cfg.server_args]
+    # Metrics stay on (the default) on a free port, so a server already running here cannot collide.
+    return [sys.executable, "-m", "mnist_edge", "serve", "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
+            "--log-level", "warning", *cfg.server_args]
 
 
 def floor_cmd() -> list[str]:
@@ -326,12 +332,12 @@ def perf_analyzer(cfg: BenchConfig, tmp: Path, log) -> dict[str, Any]:
     try:
         wait_serving(server.address)
         out: dict[str, Any] = {}
+        binary = Path(cfg.perf_analyzer)
+        env = pa_mod.environment(binary)
         for c in cfg.concurrency:
-            cmd = [cfg.perf_analyzer, "-m", "mnist", "-i", "grpc", "-u", server.address, "--shape", "pixels:28,28", "-b", "1",
-                   "--concurrency-range", str(c), "--measurement-mode", "count_windows", "--measurement-request-count", "3000",
-                   "--percentile", "99"]
+            cmd = pa_mod.command(binary, server.address, c, 3000)
             log(f"perf_analyzer c={c}")
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=_pin(LOADGEN_CPU))
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=_pin(LOADGEN_CPU), env=env)
             out[f"c={c}"] = {"returncode": proc.returncode, "summary": _pa_summary(proc.stdout), "stderr": proc.stderr[-500:]}
         return out
     finally:

@@ -34,6 +34,7 @@ RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 Result = tuple[np.ndarray, np.ndarray, object]  # probabilities, digits, tag of the model that ran
 
 _QUEUED, _LEADER, _RUNNING, _DONE = range(4)
+_MAX_WAIT_S = 3600.0  # re-checked after this long; far below threading.TIMEOUT_MAX
 
 
 class _Pending:
@@ -177,14 +178,15 @@ class Batcher:
     def _wait(self, p: _Pending) -> bool:
         """Wait for our result or for the leader role; True when we must lead."""
         while True:
-            timeout = None if p.deadline is None else max(0.0, p.deadline - self._clock())
+            # Capped: an event wait beyond threading.TIMEOUT_MAX raises OverflowError.
+            timeout = None if p.deadline is None else min(max(0.0, p.deadline - self._clock()), _MAX_WAIT_S)
             fired = p.event.wait(timeout)
             with self._lock:
                 if p.state == _LEADER:
                     return True
                 if p.state == _DONE:
                     return False
-                if not fired and p.state == _QUEUED:
+                if not fired and p.state == _QUEUED and self._clock() >= p.deadline:
                     # Deadline passed while queued: drop it, never compute it.
                     self._queue.remove(p)
                     self._queued_images -= p.n

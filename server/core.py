@@ -20,6 +20,9 @@ from server.settings import Settings
 from server.stats import Statistics
 
 
+NO_DEADLINE_S = 86400.0
+
+
 class State(str, enum.Enum):
     LOADING = "loading"  # port open, model not verified yet: readiness NOT_SERVING, inference UNAVAILABLE
     SERVING = "serving"
@@ -95,5 +98,7 @@ class Core:
         is_cancelled: Callable[[], bool] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, LoadedModel]:
         """Batched inference; returns probabilities, digits and the model that computed them."""
-        deadline = None if remaining_s is None else time.monotonic() + remaining_s
+        # grpc reports "no deadline" as a huge time_remaining(); a wait that long would overflow
+        # the platform's timeout, so anything beyond a day is treated as no deadline at all.
+        deadline = None if remaining_s is None or not remaining_s < NO_DEADLINE_S else time.monotonic() + remaining_s
         return self.batcher.infer(pixels, deadline, is_cancelled)

@@ -34,9 +34,26 @@ class DecodedRequest:
     request_id: str
 
 
+# Request parameters that cannot change the answer of a non-decoupled model, accepted and
+# ignored as Triton does: perf_analyzer sends triton_enable_empty_final_response on every call.
+IGNORED_REQUEST_PARAMETERS = {"triton_enable_empty_final_response": "bool_param"}
+
+
 def _params_error(where: str, params) -> InvalidArgument:
     names = ", ".join(sorted(repr(k) for k in params))
     return InvalidArgument(f"{where} {names} not supported: this server accepts no parameters")
+
+
+def _check_request_parameters(params) -> None:
+    unsupported = [k for k in params if k not in IGNORED_REQUEST_PARAMETERS]
+    if unsupported:
+        names = ", ".join(sorted(repr(k) for k in unsupported))
+        accepted = ", ".join(repr(k) for k in IGNORED_REQUEST_PARAMETERS)
+        raise InvalidArgument(f"request parameters {names} not supported: this server accepts only {accepted} (ignored)")
+    for name, kind in IGNORED_REQUEST_PARAMETERS.items():
+        if name in params and params[name].WhichOneof("parameter_choice") != kind:
+            got = params[name].WhichOneof("parameter_choice")
+            raise InvalidArgument(f"request parameter {name!r} is a {got}, expected a {kind}")
 
 
 def _shape_images(shape, max_images: int) -> int:
@@ -86,7 +103,7 @@ def decode_infer(request: pb.ModelInferRequest, max_images: int) -> DecodedReque
 
 def _decode_general(request: pb.ModelInferRequest, max_images: int) -> DecodedRequest:
     if request.parameters:
-        raise _params_error("request parameters", request.parameters)
+        _check_request_parameters(request.parameters)
     inputs = request.inputs
     if len(inputs) != 1 or inputs[0].name != INPUT:
         names = [i.name for i in inputs]

@@ -170,3 +170,20 @@ def test_the_tag_of_the_model_that_ran_comes_back_with_the_result():
     b = Batcher(lambda p: (np.zeros((len(p), 10), np.float32), np.zeros(len(p), np.int64)))
     b.set_runner(lambda p: (np.zeros((len(p), 10), np.float32), np.ones(len(p), np.int64)), tag="v2")
     assert b.infer(image(0))[2] == "v2"
+
+
+def test_a_far_deadline_while_queued_neither_overflows_nor_expires():
+    # grpc reports "no deadline" as ~1e9 s remaining; a queued wait that long must not raise
+    # (threading's timeout limit) and must not be mistaken for an expired deadline.
+    model = FakeModel()
+    model.gate.clear()
+    b = Batcher(model, max_batch_size=64)
+    with futures.ThreadPoolExecutor(4) as pool:
+        first = pool.submit(b.infer, image(1))
+        assert model.running.wait(5)
+        far = [pool.submit(b.infer, image(v), time.monotonic() + 1e12) for v in (2, 3)]
+        time.sleep(0.05)  # both are queued behind the running batch
+        model.gate.set()
+        assert first.result(10)[1].tolist() == [1]
+        assert [f.result(10)[1].tolist() for f in far] == [[2], [3]]
+    assert b.stats.expired == 0

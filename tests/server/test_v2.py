@@ -159,7 +159,8 @@ ERRORS = {
     "too many images": (lambda im: infer_request(np.zeros((1025, 28, 28), np.uint8)), grpc.StatusCode.INVALID_ARGUMENT, ["1025 images in one request, over the limit of 1024 (--max-request-images)"]),
     "raw and typed": (lambda im: pb.ModelInferRequest(model_name="mnist", inputs=[Tensor(name="pixels", datatype="UINT8", shape=[1, 784], contents=pb.InferTensorContents(uint_contents=[0] * 784))], raw_input_contents=[b"\0" * 784]), grpc.StatusCode.INVALID_ARGUMENT, ["both raw_input_contents and typed contents"]),
     "no data": (lambda im: pb.ModelInferRequest(model_name="mnist", inputs=[Tensor(name="pixels", datatype="UINT8", shape=[1, 784])]), grpc.StatusCode.INVALID_ARGUMENT, ["no data"]),
-    "request parameter": (lambda im: infer_request(im[:1], parameters={"priority": pb.InferParameter(int64_param=1)}), grpc.StatusCode.INVALID_ARGUMENT, ["request parameters 'priority' not supported"]),
+    "request parameter": (lambda im: infer_request(im[:1], parameters={"priority": pb.InferParameter(int64_param=1)}), grpc.StatusCode.INVALID_ARGUMENT, ["request parameters 'priority' not supported", "accepts only 'triton_enable_empty_final_response' (ignored)"]),
+    "ignored parameter of the wrong type": (lambda im: infer_request(im[:1], parameters={"triton_enable_empty_final_response": pb.InferParameter(string_param="yes")}), grpc.StatusCode.INVALID_ARGUMENT, ["'triton_enable_empty_final_response' is a string_param, expected a bool_param"]),
     "input parameter": (lambda im: pb.ModelInferRequest(model_name="mnist", inputs=[Tensor(name="pixels", datatype="UINT8", shape=[1, 784], parameters={"shared_memory_region": pb.InferParameter(string_param="x")})], raw_input_contents=[b"\0" * 784]), grpc.StatusCode.INVALID_ARGUMENT, ["'shared_memory_region' not supported"]),
     "class_count": (lambda im: infer_request(im[:1], outputs=[Output(name="probabilities", parameters={"classification": pb.InferParameter(int64_param=3)})]), grpc.StatusCode.INVALID_ARGUMENT, ["output 'probabilities' parameters 'classification' not supported"]),
     "unknown model": (lambda im: pb.ModelInferRequest(model_name="resnet", inputs=[Tensor(name="pixels", datatype="UINT8", shape=[1, 784])], raw_input_contents=[b"\0" * 784]), grpc.StatusCode.NOT_FOUND, ["unknown model 'resnet'", "serves 'mnist'"]),
@@ -175,6 +176,14 @@ def test_error_rows(stub, reference, name):
     images = reference[0]
     assert_status(lambda: stub.ModelInfer(build(images)), code, *fragments)
     _good(stub, reference)  # and the server still answers
+
+
+def test_tritons_empty_final_response_flag_is_accepted_and_ignored(stub, reference):
+    # perf_analyzer sends it on every call; for a non-decoupled model it changes nothing.
+    images, _, digits = reference
+    for flag in (True, False):
+        req = infer_request(images[:2], parameters={"triton_enable_empty_final_response": pb.InferParameter(bool_param=flag)})
+        np.testing.assert_array_equal(outputs(stub.ModelInfer(req))["digit"], digits[:2])
 
 
 def test_model_metadata_unknown_model_and_version(stub):
