@@ -38,10 +38,13 @@ def environment(binary: Path) -> dict[str, str]:
     return env
 
 
-def command(binary: Path, address: str, concurrency: int, requests: int, model: str = "mnist") -> list[str]:
-    """One count-bounded measurement: `requests` per window, the default three stable windows at most."""
+def command(binary: Path, address: str, concurrency: int, requests: int, model: str = "mnist", stability_percent: int = 10, max_trials: int = 10) -> list[str]:
+    """One count-bounded measurement: `requests` per window, at most `max_trials` windows, stable
+    when the last three windows' throughput and average latency are within `stability_percent`
+    (this machine's noise keeps p99 from ever settling, so stability is judged on the average)."""
     return [
         str(binary), "-m", model, "-i", "grpc", "-u", address, "--shape", "pixels:28,28", "-b", "1",
         "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
-        "--measurement-request-count", str(requests), "--percentile", "99",
+        "--measurement-request-count", str(requests), "--stability-percentage", str(stability_percent),
+        "--max-trials", str(max_trials),
     ]

@@ -335,7 +335,7 @@ def perf_analyzer(cfg: BenchConfig, tmp: Path, log) -> dict[str, Any]:
         binary = Path(cfg.perf_analyzer)
         env = pa_mod.environment(binary)
         for c in cfg.concurrency:
-            cmd = pa_mod.command(binary, server.address, c, 3000)
+            cmd = pa_mod.command(binary, server.address, c, 2000, stability_percent=25)
             log(f"perf_analyzer c={c}")
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=_pin(LOADGEN_CPU), env=env)
             out[f"c={c}"] = {"returncode": proc.returncode, "summary": _pa_summary(proc.stdout), "stderr": proc.stderr[-500:]}
@@ -350,7 +350,11 @@ def _pa_summary(text: str) -> dict[str, Any]:
     m = re.search(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec, latency ([\d.]+) usec", text)
     summary: dict[str, Any] = {"raw_tail": text.strip().splitlines()[-12:]}
     if m:
-        summary.update({"throughput": float(m.group(2)), "p99_us": float(m.group(3))})
+        summary.update({"throughput": float(m.group(2)), "avg_us": float(m.group(3))})
+    for q in ("p50", "p99"):
+        found = re.findall(rf"{q} latency: (\d+) usec", text)
+        if found:
+            summary[f"{q}_us"] = float(found[-1])  # the last (reported) window
     q = re.search(r"Avg request latency: (\d+) usec \(overhead (\d+) usec \+ queue (\d+) usec \+ compute input (\d+) usec \+ compute infer (\d+) usec \+ compute output (\d+) usec\)", text)
     if q:
         summary["server_breakdown_us"] = dict(zip(("avg", "overhead", "queue", "compute_input", "compute_infer", "compute_output"), map(int, q.groups())))
@@ -383,11 +387,13 @@ def markdown(result: dict[str, Any]) -> str:
               f"Peak RSS: server {result['peak_rss_mb'].get('server', float('nan')):.0f} MB, floor {result['peak_rss_mb'].get('floor', float('nan')):.0f} MB."]
     pa = result.get("perf_analyzer")
     if pa:
-        lines += ["", "## Triton perf_analyzer against mnist-edge", "", "| concurrency | infer/s | p99 us | server queue us | server compute infer us |", "|---|---|---|---|---|"]
+        lines += ["", "## Triton perf_analyzer against mnist-edge (its own load and timing)", "",
+                  "| concurrency | exit | infer/s | p50 us | p99 us | server queue us | server compute infer us |", "|---|---|---|---|---|---|---|"]
         for k, v in pa.items():
             s = v["summary"]
             br = s.get("server_breakdown_us", {})
-            lines.append(f"| {k} | {s.get('throughput', 'n/a')} | {s.get('p99_us', 'n/a')} | {br.get('queue', 'n/a')} | {br.get('compute_infer', 'n/a')} |")
+            lines.append(f"| {k} | {v['returncode']} | {s.get('throughput', 'n/a')} | {s.get('p50_us', 'n/a')} | {s.get('p99_us', 'n/a')} | "
+                         f"{br.get('queue', 'n/a')} | {br.get('compute_infer', 'n/a')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,14 +24,21 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 
 RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-Result = tuple[np.ndarray, np.ndarray, object]  # probabilities, digits, tag of the model that ran
+
+
+class Result(NamedTuple):
+    probabilities: np.ndarray
+    digits: np.ndarray
+    tag: object  # of the model that ran
+    queue_s: float  # this request's wait in the queue
+    compute_s: float  # the run of the batch that carried it
 
 _QUEUED, _LEADER, _RUNNING, _DONE = range(4)
 _MAX_WAIT_S = 3600.0  # re-checked after this long; far below threading.TIMEOUT_MAX
@@ -80,7 +87,7 @@ class Batcher:
         max_queue: int = 4096,
         max_queue_delay_us: int = 0,
         clock: Callable[[], float] = time.monotonic,
-        on_batch: Callable[[int, list[float], float], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,  # (images, compute seconds) per executed batch
     ) -> None:
         self._run = run
         self._tag: object = None
@@ -171,9 +178,9 @@ class Batcher:
             s.batch_sizes[n] += 1
             s.compute_seconds += end - start
         if self._on_batch is not None:
-            self._on_batch(n, [0.0], end - start)
+            self._on_batch(n, end - start)
         self._handoff()
-        return probs, digits, tag
+        return Result(probs, digits, tag, 0.0, end - start)
 
     def _wait(self, p: _Pending) -> bool:
         """Wait for our result or for the leader role; True when we must lead."""
@@ -278,9 +285,10 @@ class Batcher:
             for p in batch:
                 p.error = exc
         else:
+            end = self._clock()
             offset = 0
             for p in batch:
-                p.result = (probs[offset : offset + p.n], digits[offset : offset + p.n], tag)
+                p.result = Result(probs[offset : offset + p.n], digits[offset : offset + p.n], tag, start - p.enqueued, end - start)
                 offset += p.n
         end = self._clock()
         queue_times = [start - p.enqueued for p in batch]
@@ -296,4 +304,4 @@ class Batcher:
                     p.state = _DONE
                     p.event.set()
         if self._on_batch is not None:
-            self._on_batch(int(x.shape[0]), queue_times, end - start)
+            self._on_batch(int(x.shape[0]), end - start)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from server.batching import Batcher
+from server.batching import Batcher, Result
 from server.errors import NotFound, Unavailable
 from server.model_store import LoadedModel
 from server.settings import Settings
@@ -96,8 +96,9 @@ class Core:
         pixels: np.ndarray,
         remaining_s: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, LoadedModel]:
-        """Batched inference; returns probabilities, digits and the model that computed them."""
+    ) -> Result:
+        """Batched inference: probabilities, digits, the model that computed them (`tag`), and
+        the request's queue and compute seconds."""
         # grpc reports "no deadline" as a huge time_remaining(); a wait that long would overflow
         # the platform's timeout, so anything beyond a day is treated as no deadline at all.
         deadline = None if remaining_s is None or not remaining_s < NO_DEADLINE_S else time.monotonic() + remaining_s

@@ -65,15 +65,21 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
                 errors[i] = pb.Error(code=_INVALID, message=f"image {i}: empty, expected pixels (784 bytes) or encoded image bytes")
         return arrays, errors
 
-    def _classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
+    def _classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext, t0: int) -> tuple[pb.ClassifyResponse, dict]:
+        """The response, and the request's durations for the statistics (empty when no image
+        reached the model)."""
         self.core.serving_model()
         arrays, errors = self._decode(request)
         good = [i for i, a in enumerate(arrays) if a is not None]
         predictions = [pb.Prediction() for _ in arrays]
         version = ""
+        timing: dict = {}
         if good:
             batch = np.stack([arrays[i] for i in good]) if len(good) > 1 else arrays[good[0]][None]
-            probs, digits, model = self.core.classify(batch, context.time_remaining(), lambda: not context.is_active())
+            t1 = time.perf_counter_ns()
+            result = self.core.classify(batch, context.time_remaining(), lambda: not context.is_active())
+            timing = {"input_ns": t1 - t0, "queue_ns": int(result.queue_s * 1e9), "infer_ns": int(result.compute_s * 1e9), "t2": time.perf_counter_ns()}
+            probs, digits, model = result.probabilities, result.digits, result.tag
             version = model.version
             want_probs = request.return_probabilities
             want_image = request.return_normalized_image
@@ -90,17 +96,24 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
         for i, err in enumerate(errors):
             if err is not None:
                 predictions[i].error.CopyFrom(err)
-        return pb.ClassifyResponse(predictions=predictions, model_version=version, request_id=request.request_id)
+        return pb.ClassifyResponse(predictions=predictions, model_version=version, request_id=request.request_id), timing
+
+    def _record_ok(self, api: str, t0: int, timing: dict) -> None:
+        end = time.perf_counter_ns()
+        if not timing:  # every image was refused: the model never ran
+            self.core.stats.record_request(api, "OK", end - t0, model_level=False)
+            return
+        self.core.stats.record_request(api, "OK", end - t0, timing["input_ns"], end - timing["t2"], queue_ns=timing["queue_ns"], infer_ns=timing["infer_ns"])
 
     def Classify(self, request, context):
         t0 = time.perf_counter_ns()
         try:
-            response = self._classify(request, context)
+            response, timing = self._classify(request, context, t0)
         except Exception as exc:  # noqa: BLE001 - mapped to a status here
             self.core.stats.record_request("native", status_of(exc).name, time.perf_counter_ns() - t0)
             abort(context, exc, "Classify")
             return pb.ClassifyResponse()  # not reached: abort raises
-        self.core.stats.record_request("native", "OK", time.perf_counter_ns() - t0)
+        self._record_ok("native", t0, timing)
         return response
 
     def ClassifyStream(self, request_iterator, context):
@@ -111,7 +124,7 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
                 return
             t0 = time.perf_counter_ns()
             try:
-                response = self._classify(request, context)
+                response, timing = self._classify(request, context, t0)
             except Exception as exc:  # noqa: BLE001 - a failed message does not end the stream
                 self.core.stats.record_request("native_stream", status_of(exc).name, time.perf_counter_ns() - t0)
                 if not isinstance(exc, ServingError):
@@ -121,7 +134,7 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
                     message = exc.message
                 yield pb.ClassifyResponse(request_id=request.request_id, error=_error(status_of(exc), message))
                 continue
-            self.core.stats.record_request("native_stream", "OK", time.perf_counter_ns() - t0)
+            self._record_ok("native_stream", t0, timing)
             yield response
 
     @grpc_errors(pb.ModelInfo)

@@ -70,8 +70,21 @@ class Statistics:
         self.request_hist = Histogram(LATENCY_BUCKETS)
         self.batch_hist = Histogram(BATCH_BUCKETS)
 
-    def record_request(self, api: str, status: str, total_ns: int, input_ns: int = 0, output_ns: int = 0, model_level: bool = True) -> None:
-        """`model_level=False`: a request that was not for this model (unknown name or version):
+    def record_request(
+        self,
+        api: str,
+        status: str,
+        total_ns: int,
+        input_ns: int = 0,
+        output_ns: int = 0,
+        model_level: bool = True,
+        queue_ns: int = 0,
+        infer_ns: int = 0,
+    ) -> None:
+        """One request, recorded whole when it ends (as Triton does), so that success, queue and
+        compute input/infer/output always have the same count: perf_analyzer insists on it.
+
+        `model_level=False`: a request that was not for this model (unknown name or version):
         counted by API and status, but not in the model's success/fail statistics."""
         with self.lock:
             key = (api, status)
@@ -81,25 +94,20 @@ class Statistics:
             self.request_hist.observe(total_ns / 1e9)
             if status == "OK":
                 self.success.add(total_ns)
-                if input_ns:
-                    self.compute_input.add(input_ns)
-                if output_ns:
-                    self.compute_output.add(output_ns)
+                self.queue.add(queue_ns)
+                self.queue_hist.observe(queue_ns / 1e9)
+                self.compute_input.add(input_ns)
+                self.compute_infer.add(infer_ns)
+                self.compute_output.add(output_ns)
             else:
                 self.fail.add(total_ns)
 
-    def record_batch(self, size: int, queue_seconds: list[float], compute_seconds: float) -> None:
+    def record_batch(self, size: int, compute_seconds: float) -> None:
         compute_ns = int(compute_seconds * 1e9)
-        n = len(queue_seconds)
         with self.lock:
             self.execution_count += 1
             self.inference_count += size
             self.last_inference_ms = int(time.time() * 1000)
-            for q in queue_seconds:
-                self.queue.add(int(q * 1e9))
-                self.queue_hist.observe(q)
-            # Triton counts compute per request: each request in the batch spent this long.
-            self.compute_infer.add(compute_ns * n, n)
             self.compute_hist.observe(compute_seconds)
             self.batch_hist.observe(size)
             b = self.batches.get(size)

@@ -314,11 +314,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             decoded = decode_infer(request, self.core.settings.max_request_images)
             t1 = now()
-            probs, digits, model = self.core.classify(decoded.pixels, context.time_remaining(), lambda: not context.is_active())
+            result = self.core.classify(decoded.pixels, context.time_remaining(), lambda: not context.is_active())
             t2 = now()
-            response = encode_infer(model.name, model.version, decoded, probs, digits)
+            model = result.tag
+            response = encode_infer(model.name, model.version, decoded, result.probabilities, result.digits)
             t3 = now()
-            self.core.stats.record_request("v2", "OK", t3 - t0, t1 - t0, t3 - t2)
+            self.core.stats.record_request("v2", "OK", t3 - t0, t1 - t0, t3 - t2, queue_ns=int(result.queue_s * 1e9), infer_ns=int(result.compute_s * 1e9))
             return response
         except Exception as exc:  # noqa: BLE001 - mapped to a status here
             self.core.stats.record_request("v2", status_of(exc).name, now() - t0)

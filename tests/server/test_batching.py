@@ -63,7 +63,7 @@ def test_results_go_back_to_exactly_their_callers_under_concurrency():
 
     def call(i: int):
         k = 1 + i % 5  # requests of 1..5 images, all with this caller's id
-        probs, digits, _ = b.infer(image(i % 250, k))
+        probs, digits, *_ = b.infer(image(i % 250, k))
         return i, digits.tolist(), k
 
     with futures.ThreadPoolExecutor(32) as pool:
@@ -79,7 +79,7 @@ def test_results_go_back_to_exactly_their_callers_under_concurrency():
 def test_a_request_larger_than_a_batch_runs_alone_and_whole():
     model = FakeModel()
     b = Batcher(model, max_batch_size=8)
-    _, digits, _ = b.infer(image(7, 20))
+    digits = b.infer(image(7, 20)).digits
     assert model.batches == [[7] * 20]
 
 

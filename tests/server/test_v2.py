@@ -243,6 +243,8 @@ def test_model_statistics_count_requests_and_batches(stub, reference):
     assert after.execution_count == before.execution_count + 1
     assert s1.queue.count == s0.queue.count + 1 and s1.compute_infer.count == s0.compute_infer.count + 1
     assert any(b.batch_size == 3 for b in after.batch_stats)
+    # One count per successful request in every duration, as perf_analyzer requires.
+    assert s1.success.count == s1.queue.count == s1.compute_input.count == s1.compute_infer.count == s1.compute_output.count
     assert after.last_inference > 0
     assert_status(lambda: stub.ModelStatistics(pb.ModelStatisticsRequest(name="other")), grpc.StatusCode.NOT_FOUND, "unknown model")
 
