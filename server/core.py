@@ -19,7 +19,6 @@ from server.model_store import LoadedModel
 from server.settings import Settings
 from server.stats import Statistics
 
-
 NO_DEADLINE_S = 86400.0
 
 

@@ -19,7 +19,15 @@ from imaging.normalize import ImageError, ImageLimits, normalize_encoded
 from protos.digits.v1 import digits_pb2 as pb
 from protos.digits.v1 import digits_pb2_grpc as pb_grpc
 from server.core import Core, State
-from server.errors import InvalidArgument, ServingError, Unavailable, abort, grpc_errors, log, status_of
+from server.errors import (
+    InvalidArgument,
+    ServingError,
+    Unavailable,
+    abort,
+    grpc_errors,
+    log,
+    status_of,
+)
 
 PIXELS = 784
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]

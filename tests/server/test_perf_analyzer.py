@@ -14,9 +14,9 @@ import subprocess
 
 import grpc
 import pytest
+from helpers.servers import running_server
 
 from bench import perf_analyzer as pa
-from helpers.servers import running_server
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
