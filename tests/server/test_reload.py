@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import threading
 import time
@@ -12,26 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-
+from helpers.models import copy_models, set_version
 from helpers.servers import health_status, running_server, start_cli_server, wait_for
+
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from server import model_store
-
-
-def copy_models(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def set_version(directory: Path, version: int, **changes) -> None:
-    """Publish a new manifest (same model files) under another version, atomically."""
-    from export import manifest as mf
-
-    manifest = json.loads((directory / "manifest.json").read_text())
-    manifest["version"] = str(version)
-    manifest.update(changes)
-    mf.atomic_write(directory / "manifest.json", mf.dumps(manifest))
 
 
 def served_version(address: str) -> str:

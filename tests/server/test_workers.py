@@ -9,8 +9,9 @@ import urllib.request
 
 import grpc
 import pytest
-
+from helpers.models import copy_models, set_version
 from helpers.servers import health_status, start_cli_server, wait_for
+
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -131,3 +132,98 @@ def test_unix_socket_takes_one_worker(tmp_path):
 
     out = subprocess.run([sys.executable, "-m", "mnist_edge", "serve", "--address", f"unix:{tmp_path}/s.sock", "--workers", "2"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unix:" in out.stderr and "--workers must be 1" in out.stderr
+
+
+def _pid_and_version(address: str) -> tuple[int, str]:
+    """One fresh connection (so SO_REUSEPORT may pick either worker): which worker, which version."""
+    with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        _, call = stub.ServerMetadata.with_call(pb.ServerMetadataRequest(), timeout=10)
+        version = list(stub.ModelMetadata(pb.ModelMetadataRequest(name="mnist"), timeout=10).versions)[0]
+        return int(dict(call.trailing_metadata())["mnist-edge-pid"]), version
+
+
+def _versions_by_worker(address: str, tries: int = 80) -> dict[int, set[str]]:
+    seen: dict[int, set[str]] = {}
+    for _ in range(tries):
+        pid, version = _pid_and_version(address)
+        seen.setdefault(pid, set()).add(version)
+        if len(seen) >= 2 and sum(len(v) for v in seen.values()) >= 4:
+            break
+    return seen
+
+
+def test_sighup_reloads_every_worker_or_none(tmp_path, shipped_manifest):
+    models = copy_models(shipped_manifest.parent, tmp_path / "models")
+    set_version(models, 1)
+    proc, address = start_cli_server(tmp_path, "--workers", "2", "--model", str(models))
+    try:
+        wait_for(lambda: health_status(address) == "SERVING", timeout=90)
+        set_version(models, 2)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: all(v == {"2"} for v in _versions_by_worker(address, 10).values()), timeout=60)
+        seen = _versions_by_worker(address)
+        assert len(seen) == 2 and all(v == {"2"} for v in seen.values()), seen  # both workers swapped
+
+        # A damaged model file under a new manifest: every worker refuses, so none swaps.
+        int8 = json.loads((models / "manifest.json").read_text())["models"]["int8"]["file"]
+        (models / int8).write_bytes(b"\0" * 1000)
+        set_version(models, 3)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: b"reload_refused" in _read_stderr(proc), timeout=60)
+        seen = _versions_by_worker(address)
+        assert len(seen) == 2 and all(v == {"2"} for v in seen.values()), seen
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except Exception:
+            proc.kill()
+
+
+_STDERR: dict[int, bytearray] = {}
+
+
+def _read_stderr(proc) -> bytes:
+    """What the server has logged so far (read without blocking)."""
+    buf = _STDERR.setdefault(proc.pid, bytearray())
+    fd = proc.stderr.fileno()
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buf += chunk
+    except BlockingIOError:
+        pass
+    return bytes(buf)
+
+
+class _FakeWorker:
+    def __init__(self, index: int, refuse: bool = False) -> None:
+        self.index, self.refuse, self.calls = index, refuse, []
+
+    def call(self, cmd: str, timeout: float = 30.0) -> dict:
+        self.calls.append(cmd)
+        if cmd == "prepare" and self.refuse:
+            return {"ok": False, "error": "golden images disagree"}
+        if cmd == "prepare":
+            return {"ok": True, "result": {"version": "7"}}
+        return {"ok": True, "result": None}
+
+
+def test_one_refusing_worker_stops_every_worker_from_swapping():
+    import threading
+
+    from server.workers import Supervisor
+
+    sup = Supervisor.__new__(Supervisor)  # the coordination alone, without processes
+    sup._reload_lock = threading.Lock()
+    sup.workers = [_FakeWorker(0), _FakeWorker(1, refuse=True), _FakeWorker(2)]
+    assert sup.reload("test") is False
+    assert all(w.calls == ["prepare", "abort"] for w in sup.workers), [w.calls for w in sup.workers]
+
+    sup.workers = [_FakeWorker(0), _FakeWorker(1), _FakeWorker(2)]
+    assert sup.reload("test") is True
+    assert all(w.calls == ["prepare", "commit"] for w in sup.workers), [w.calls for w in sup.workers]
