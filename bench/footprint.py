@@ -521,7 +521,7 @@ def pinned(cfg: FootprintConfig, venv: Path, tmp: Path, payloads: Payloads) -> d
 
 def experiments(cfg: FootprintConfig, venv: Path, model: Path, tmp: Path, payloads: Payloads, log=print) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    mods = ["numpy", "google.protobuf.message", "grpc", "onnxruntime", "PIL.Image", "prometheus_client",
+    mods = ["numpy", "google.protobuf.message", "grpc", "onnxruntime", "PIL.Image",
             "grpc_health.v1.health", "grpc_reflection.v1alpha.reflection", "protos.inference.grpc_service_pb2",
             "protos.digits.v1.digits_pb2", "imaging.normalize", "server.runner", "server.app", "server.metrics"]
     rows = _run_json(venv, IMPORTS, *mods)
@@ -563,14 +563,13 @@ def experiments(cfg: FootprintConfig, venv: Path, model: Path, tmp: Path, payloa
     queue = ("--max-queue", str(many * cfg.load_max_images))  # room for every caller's largest request: no RESOURCE_EXHAUSTED
     variants = {
         "defaults": ({}, (), None),
-        "MALLOC_ARENA_MAX=2": ({"MALLOC_ARENA_MAX": "2"}, (), None),
         "MALLOC_MMAP_THRESHOLD_=131072": ({"MALLOC_MMAP_THRESHOLD_": "131072"}, (), None),
-        "--metrics-address '' (no prometheus_client)": ({}, ("--metrics-address", ""), None),
+        "--metrics-address '' (metrics off)": ({}, ("--metrics-address", ""), None),
         "--no-reflection": ({}, ("--no-reflection",), None),
         "--handler-threads 8": ({}, ("--handler-threads", "8"), None),
-        f"{many} callers, --handler-threads 128 (default), {' '.join(queue)}": ({}, queue, many),
+        f"{many} callers, --handler-threads 64 (default), {' '.join(queue)}": ({}, queue, many),
         f"{many} callers, --handler-threads 8, {' '.join(queue)}": ({}, ("--handler-threads", "8", *queue), many),
-        "MALLOC_ARENA_MAX=2 + --metrics-address '' + --handler-threads 8": ({"MALLOC_ARENA_MAX": "2"}, ("--metrics-address", "", "--handler-threads", "8"), None),
+        "--metrics-address '' + --handler-threads 8": ({}, ("--metrics-address", "", "--handler-threads", "8"), None),
     }
     malloc = {}
     for name, (env, args, conc) in variants.items():

@@ -46,6 +46,7 @@ class BenchConfig:
     server_args: tuple[str, ...] = ()
     out_dir: Path = Path("reports/bench")
     perf_analyzer: str | None = None
+    minimal: bool = True  # also measure bench.minimal (parse + session.run, nothing else) at the 1-image points
 
 
 @dataclass
@@ -126,6 +127,10 @@ def server_cmd(cfg: BenchConfig) -> list[str]:
 
 def floor_cmd() -> list[str]:
     return [sys.executable, "-m", "bench.floor", "--address", "127.0.0.1:0"]
+
+
+def minimal_cmd() -> list[str]:
+    return [sys.executable, "-m", "bench.minimal", "--address", "127.0.0.1:0"]
 
 
 def infer_payload(images: np.ndarray) -> bytes:
@@ -257,12 +262,17 @@ def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
         log(f"round {r + 1}/{cfg.rounds}")
         floor = start(floor_cmd(), tmp / "floor.port")
         server = start(server_cmd(cfg), tmp / "server.port")
+        minimal = start(minimal_cmd(), tmp / "minimal.port") if cfg.minimal else None
         try:
             wait_serving(server.address)
             order = [("floor", floor), ("server", server)] if r % 2 == 0 else [("server", server), ("floor", floor)]
+            if minimal is not None:
+                order.insert(1, ("minimal", minimal))
             for name, n, c, stream in scenarios:
                 key = f"{name} c={c}"
                 for who, proc in order:
+                    if who == "minimal" and (stream or n != 1):
+                        continue
                     if stream:
                         payload = stream_payload(test.images[0])
                         method = floor_mod.STREAM if who == "floor" else CLASSIFY_STREAM
@@ -278,6 +288,8 @@ def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
         finally:
             floor.stop()
             server.stop()
+            if minimal is not None:
+                minimal.stop()
 
     for key, by in rounds.items():
         point: dict[str, Any] = {"rounds": by}
@@ -286,6 +298,9 @@ def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
             point[f"floor_{metric}"] = _median([row[metric] for row in by["floor"]])
             ratios = [s[metric] / f[metric] for s, f in zip(by["server"], by["floor"]) if f[metric]]
             point[f"ratio_{metric}"] = _median(ratios)
+            if "minimal" in by:
+                point[f"minimal_{metric}"] = _median([row[metric] for row in by["minimal"]])
+                point[f"minimal_ratio_{metric}"] = _median([m[metric] / f[metric] for m, f in zip(by["minimal"], by["floor"]) if f[metric]])
         point["mean_batch_size"] = _median([row.get("mean_batch_size") for row in by["server"]])
         point["loadgen_bound"] = any(row["loadgen_bound"] for rows in by.values() for row in rows)
         point["errors"] = sum(row["errors"] for rows in by.values() for row in rows)
@@ -382,6 +397,15 @@ def markdown(result: dict[str, Any]) -> str:
             f"{p['ratio_throughput_rps']:.2f} | {p['server_images_per_s']:,.0f} | {p['server_server_cpu_us_per_request']:.0f} ({p['floor_server_cpu_us_per_request']:.0f}) | {mb} | "
             f"{100 * max(p['server_loadgen_cpu_fraction'], p['floor_loadgen_cpu_fraction']):.0f}%{flag} |"
         )
+    minimal = [(k, p) for k, p in result["points"].items() if "minimal_p50_us" in p]
+    if minimal:
+        lines += ["", "## Reference: a minimal servicer (bench/minimal.py: parse, session.run, respond; nothing else)", "",
+                  "| point | p50 us | p50 ratio to floor (mnist-edge's) | p99 ratio (mnist-edge's) | req/s | throughput ratio (mnist-edge's) |",
+                  "|---|---|---|---|---|---|"]
+        for key, p in minimal:
+            lines.append(f"| {key} | {p['minimal_p50_us']:.0f} | {p['minimal_ratio_p50_us']:.2f} ({p['ratio_p50_us']:.2f}) | "
+                         f"{p['minimal_ratio_p99_us']:.2f} ({p['ratio_p99_us']:.2f}) | {p['minimal_throughput_rps']:,.0f} | "
+                         f"{p['minimal_ratio_throughput_rps']:.2f} ({p['ratio_throughput_rps']:.2f}) |")
     cs = result["cold_start"]
     lines += ["", f"Cold start to SERVING (spawn to first SERVING health answer): median {cs['median_s']:.3f} s of {len(cs['runs_s'])}.",
               f"Peak RSS: server {result['peak_rss_mb'].get('server', float('nan')):.0f} MB, floor {result['peak_rss_mb'].get('floor', float('nan')):.0f} MB."]

@@ -86,3 +86,30 @@ def test_histogram_buckets_are_cumulative(server):
     )
     counts = [v for _, v in buckets]
     assert counts == sorted(counts) and np.isinf(buckets[-1][0])
+
+
+def _raw(address: str, request: bytes) -> bytes:
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_the_endpoint_answers_only_get_metrics_and_survives_odd_clients(server):
+    import socket
+
+    address = server.metrics_address
+    assert _raw(address, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 404")
+    assert _raw(address, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 405")
+    assert _raw(address, b"hello\r\n\r\n").startswith(b"HTTP/1.1 400")
+    head = _raw(address, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")  # headers only
+    # A client that connects and says nothing is dropped after its timeout; scrapes go on.
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10):
+        assert value(scrape(address), "mnist_edge_up") == 1.0

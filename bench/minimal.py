@@ -1,0 +1,78 @@
+"""A minimal Open Inference Protocol servicer: the reference point between the floor and us.
+
+What a careful person would write in an afternoon: sync grpc.server, the generated v2
+servicer, ModelInfer parses the request, runs the model with the server's session options,
+builds the response. No validation, batching, statistics, health or metrics. `mnist-edge
+bench --minimal` measures it next to the floor and mnist-edge, so the cost of mnist-edge's
+features is the distance between it and this, and the cost of "protobuf + the model" is the
+distance between this and the floor.
+
+    python -m bench.minimal --address 127.0.0.1:0 --port-file /tmp/minimal.port
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from server import model_store
+from server.runner import ModelRunner
+
+
+class MinimalServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def ModelInfer(self, request, context):
+        n = request.inputs[0].shape[0]
+        pixels = np.frombuffer(request.raw_input_contents[0], dtype=np.uint8).reshape(n, 28, 28)
+        probs, digits = self.runner.run(pixels)
+        out = pb.ModelInferResponse.InferOutputTensor
+        return pb.ModelInferResponse(
+            model_name=request.model_name,
+            outputs=[out(name="probabilities", datatype="FP32", shape=[n, 10]), out(name="digit", datatype="INT64", shape=[n])],
+            raw_output_contents=[probs.tobytes(), digits.tobytes()],
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.minimal", description=__doc__.splitlines()[0])
+    p.add_argument("--address", default="127.0.0.1:0")
+    p.add_argument("--port-file", default=None)
+    p.add_argument("--threads", type=int, default=64, help="handler threads (mnist-edge's default)")
+    args = p.parse_args(argv)
+    runner = ModelRunner(model_store.load(None).file.read_bytes())
+    runner.warm_up()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.threads), options=[
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.so_reuseport", 0),
+    ])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(MinimalServicer(runner), server)
+    port = server.add_insecure_port(args.address)
+    server.start()
+    if args.port_file:
+        tmp = f"{args.port_file}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{args.address.rsplit(':', 1)[0]}:{port}\n")
+        os.replace(tmp, args.port_file)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    server.stop(1).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""`mnist-edge bench` end to end at a tiny size: it runs, and its report holds every figure.
+
+No speed is asserted here (DESIGN.md: speed lives in bench/, never in timed tests); this
+proves the benchmark itself works: floors and servers start and stop, every point has a
+floor and a server measurement, the targets are all evaluated, and the Markdown renders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+
+def test_bench_runs_small_and_reports_every_figure(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnist_edge", "bench", "--rounds", "1", "--seconds", "0.2", "--max-requests", "60",
+         "--concurrency", "1,4", "--payloads", "1,64", "--cold-starts", "1", "--out", str(out), "--perf-analyzer", "none"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert set(result["points"]) == {"unary-1 c=1", "unary-1 c=4", "unary-64 c=1", "unary-64 c=4", "stream-1 c=1", "stream-1 c=4"}
+    for key, point in result["points"].items():
+        assert len(point["rounds"]["floor"]) == 1 and len(point["rounds"]["server"]) == 1, key
+        assert point["errors"] == 0, (key, point["rounds"])
+        for field in ("ratio_p50_us", "ratio_p99_us", "ratio_throughput_rps", "server_server_cpu_us_per_request"):
+            assert point[field] is not None and math.isfinite(point[field]) and point[field] > 0, (key, field)
+        if key.startswith("unary-1 "):
+            assert point["minimal_ratio_p50_us"] > 0  # the reference servicer was measured too
+        if key.startswith("unary"):
+            assert point["mean_batch_size"] >= 1
+    assert len(result["targets"]) == 8 and all(t["value"] is not None for t in result["targets"] if "1024" not in t["target"])
+    assert result["cold_start"]["median_s"] > 0 and result["compute_floor"]["batch_1_us"] > 0
+    md = (out / "bench.md").read_text()
+    assert "## Targets" in md and "| unary-64 c=4 |" in md and "minimal servicer" in md
