@@ -120,6 +120,10 @@ def test_the_code_and_the_model_come_from_site_packages(installed, where):
         assert (manifest.parent / entry["file"]).is_file(), entry["file"]
     # the wheel carries the checkout's model (if not, the wheelhouse is stale: rebuild it)
     assert manifest.read_bytes() == (REPO / "models" / "manifest.json").read_bytes(), f"stale wheelhouse? {SETUP}"
+    # ... and nothing else: no model files of earlier builds (setuptools' build/ keeps them)
+    installed_files = sorted(p.name for p in manifest.parent.iterdir() if p.is_file() and p.name != "__init__.py")
+    expected = sorted({"manifest.json", *(e["file"] for e in shipped["models"].values())} | ({"manifest.json.sig"} if (REPO / "models" / "manifest.json.sig").exists() else set()))
+    assert installed_files == expected, f"the installed models/ differs from the manifest: {installed_files}; rebuild with `rm -rf build wheelhouse`"
 
 
 def _digit_png(image: np.ndarray) -> bytes:
