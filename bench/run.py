@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ class BenchConfig:
     out_dir: Path = Path("reports/bench")
     perf_analyzer: str | None = None
     minimal: bool = True  # also measure bench.minimal (parse + session.run, nothing else) at the 1-image points
+    unix: bool = True  # also measure mnist-edge on a unix: socket at the 1-image points (on-device clients)
 
 
 @dataclass
@@ -119,9 +122,9 @@ def wait_serving(address: str, timeout: float = 60.0, interval: float = 0.002) -
     raise RuntimeError(f"{address} not SERVING within {timeout}s")
 
 
-def server_cmd(cfg: BenchConfig) -> list[str]:
+def server_cmd(cfg: BenchConfig, address: str = "127.0.0.1:0") -> list[str]:
     # Metrics stay on (the default) on a free port, so a server already running here cannot collide.
-    return [sys.executable, "-m", "mnist_edge", "serve", "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
+    return [sys.executable, "-m", "mnist_edge", "serve", "--address", address, "--metrics-address", "127.0.0.1:0",
             "--log-level", "warning", *cfg.server_args]
 
 
@@ -258,20 +261,27 @@ def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
             scenarios.append(("stream-1", 1, c, True))
 
     rounds: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    # A short directory for the unix socket: socket paths are limited to ~107 bytes.
+    sock_dir = Path(tempfile.mkdtemp(prefix="mnist-edge-bench-"))
     for r in range(cfg.rounds):
         log(f"round {r + 1}/{cfg.rounds}")
         floor = start(floor_cmd(), tmp / "floor.port")
         server = start(server_cmd(cfg), tmp / "server.port")
         minimal = start(minimal_cmd(), tmp / "minimal.port") if cfg.minimal else None
+        unix = start(server_cmd(cfg, f"unix:{sock_dir / 'bench.sock'}"), tmp / "unix.port") if cfg.unix else None
         try:
             wait_serving(server.address)
+            if unix is not None:
+                wait_serving(unix.address)
             order = [("floor", floor), ("server", server)] if r % 2 == 0 else [("server", server), ("floor", floor)]
             if minimal is not None:
                 order.insert(1, ("minimal", minimal))
+            if unix is not None:
+                order.insert(1, ("unix", unix))
             for name, n, c, stream in scenarios:
                 key = f"{name} c={c}"
                 for who, proc in order:
-                    if who == "minimal" and (stream or n != 1):
+                    if who in ("minimal", "unix") and (stream or n != 1):
                         continue
                     if stream:
                         payload = stream_payload(test.images[0])
@@ -279,7 +289,7 @@ def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
                     else:
                         payload = infer_payload(test.images[:n])
                         method = floor_mod.UNARY if who == "floor" else INFER
-                    row = measure(proc, method, payload, c, cfg, stream, n, stats=(who == "server"))
+                    row = measure(proc, method, payload, c, cfg, stream, n, stats=who in ("server", "unix"))
                     log(f"  {key:<18} {who:<6} p50 {row['p50_us']:8.0f} us  {row['throughput_rps']:8.0f} req/s  errors {row['errors']}")
                     rounds.setdefault(key, {}).setdefault(who, []).append(row)
             result.setdefault("peak_rss_mb", {"server": [], "floor": []})
@@ -290,7 +300,10 @@ def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
             server.stop()
             if minimal is not None:
                 minimal.stop()
+            if unix is not None:
+                unix.stop()
 
+    shutil.rmtree(sock_dir, ignore_errors=True)
     for key, by in rounds.items():
         point: dict[str, Any] = {"rounds": by}
         for metric in ("p50_us", "p90_us", "p99_us", "throughput_rps", "images_per_s", "server_cpu_us_per_request", "loadgen_cpu_fraction"):
@@ -298,9 +311,12 @@ def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
             point[f"floor_{metric}"] = _median([row[metric] for row in by["floor"]])
             ratios = [s[metric] / f[metric] for s, f in zip(by["server"], by["floor"]) if f[metric]]
             point[f"ratio_{metric}"] = _median(ratios)
-            if "minimal" in by:
-                point[f"minimal_{metric}"] = _median([row[metric] for row in by["minimal"]])
-                point[f"minimal_ratio_{metric}"] = _median([m[metric] / f[metric] for m, f in zip(by["minimal"], by["floor"]) if f[metric]])
+            for other in ("minimal", "unix"):
+                if other in by:
+                    point[f"{other}_{metric}"] = _median([row[metric] for row in by[other]])
+                    point[f"{other}_ratio_{metric}"] = _median([m[metric] / f[metric] for m, f in zip(by[other], by["floor"]) if f[metric]])
+            if "unix" in by:  # the unix socket against loopback TCP, same server, same round
+                point[f"unix_vs_tcp_{metric}"] = _median([u[metric] / t[metric] for u, t in zip(by["unix"], by["server"]) if t[metric]])
         point["mean_batch_size"] = _median([row.get("mean_batch_size") for row in by["server"]])
         point["loadgen_bound"] = any(row["loadgen_bound"] for rows in by.values() for row in rows)
         point["errors"] = sum(row["errors"] for rows in by.values() for row in rows)
@@ -406,6 +422,14 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {key} | {p['minimal_p50_us']:.0f} | {p['minimal_ratio_p50_us']:.2f} ({p['ratio_p50_us']:.2f}) | "
                          f"{p['minimal_ratio_p99_us']:.2f} ({p['ratio_p99_us']:.2f}) | {p['minimal_throughput_rps']:,.0f} | "
                          f"{p['minimal_ratio_throughput_rps']:.2f} ({p['ratio_throughput_rps']:.2f}) |")
+    unix = [(k, p) for k, p in result["points"].items() if "unix_p50_us" in p]
+    if unix:
+        lines += ["", "## mnist-edge on a unix: socket against loopback TCP (same settings, same rounds)", "",
+                  "| point | unix p50 us | TCP p50 us | unix/TCP p50 | unix p99 us | unix/TCP p99 | unix req/s | unix/TCP throughput |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, p in unix:
+            lines.append(f"| {key} | {p['unix_p50_us']:.0f} | {p['server_p50_us']:.0f} | {p['unix_vs_tcp_p50_us']:.2f} | {p['unix_p99_us']:.0f} | "
+                         f"{p['unix_vs_tcp_p99_us']:.2f} | {p['unix_throughput_rps']:,.0f} | {p['unix_vs_tcp_throughput_rps']:.2f} |")
     cs = result["cold_start"]
     lines += ["", f"Cold start to SERVING (spawn to first SERVING health answer): median {cs['median_s']:.3f} s of {len(cs['runs_s'])}.",
               f"Peak RSS: server {result['peak_rss_mb'].get('server', float('nan')):.0f} MB, floor {result['peak_rss_mb'].get('floor', float('nan')):.0f} MB."]

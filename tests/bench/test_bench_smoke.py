@@ -30,9 +30,14 @@ def test_bench_runs_small_and_reports_every_figure(tmp_path):
             assert point[field] is not None and math.isfinite(point[field]) and point[field] > 0, (key, field)
         if key.startswith("unary-1 "):
             assert point["minimal_ratio_p50_us"] > 0  # the reference servicer was measured too
+            assert point["unix_vs_tcp_p50_us"] > 0 and point["unix_ratio_throughput_rps"] > 0  # and the unix socket
         if key.startswith("unary"):
             assert point["mean_batch_size"] >= 1
-    assert len(result["targets"]) == 8 and all(t["value"] is not None for t in result["targets"] if "1024" not in t["target"])
+    targets = {t["target"]: t for t in result["targets"]}
+    assert len(targets) == 8
+    measured = [name for name in targets if name.startswith(("unary 1 image c=1:", "stream", "cold start"))]
+    assert len(measured) == 3 and all(targets[name]["value"] is not None for name in measured), targets
+    assert all(targets[name]["value"] is None and not targets[name]["met"] for name in targets if "c=64" in name)  # not measured: not met
     assert result["cold_start"]["median_s"] > 0 and result["compute_floor"]["batch_1_us"] > 0
     md = (out / "bench.md").read_text()
-    assert "## Targets" in md and "| unary-64 c=4 |" in md and "minimal servicer" in md
+    assert "## Targets" in md and "| unary-64 c=4 |" in md and "minimal servicer" in md and "unix: socket" in md
