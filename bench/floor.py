@@ -23,12 +23,17 @@ UNARY = "/bench.Echo/Echo"
 STREAM = "/bench.Echo/EchoStream"
 
 
-def create_server(address: str = "127.0.0.1:0", threads: int = 64) -> tuple[grpc.Server, str]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=[
+def sync_server(threads: int = 64) -> grpc.Server:
+    """grpcio's sync server as the reference servers run it: a thread pool, 64 MiB messages."""
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=[
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.so_reuseport", 0),
     ])
+
+
+def create_server(address: str = "127.0.0.1:0", threads: int = 64) -> tuple[grpc.Server, str]:
+    server = sync_server(threads)
 
     def echo(request: bytes, context) -> bytes:
         return request
@@ -56,12 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=64, help="handler threads (mnist-edge's default)")
     args = p.parse_args(argv)
     server, address = create_server(args.address, args.threads)
+    return serve_until_signal(server, address, args.port_file)
+
+
+def serve_until_signal(server: grpc.Server, address: str, port_file: str | None) -> int:
+    """Start `server`, publish `address` to `port_file` atomically, serve until SIGTERM/SIGINT."""
     server.start()
-    if args.port_file:
-        tmp = f"{args.port_file}.{os.getpid()}.tmp"
+    if port_file:
+        tmp = f"{port_file}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             f.write(address + "\n")
-        os.replace(tmp, args.port_file)
+        os.replace(tmp, port_file)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -13,15 +13,11 @@ distance between this and the floor.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
-import threading
-from concurrent import futures
 
-import grpc
 import numpy as np
 
+from bench.floor import serve_until_signal, sync_server
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from server import model_store
@@ -52,27 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     runner = ModelRunner(model_store.load(None).file.read_bytes())
     runner.warm_up()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.threads), options=[
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-        ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ("grpc.so_reuseport", 0),
-    ])
+    server = sync_server(args.threads)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(MinimalServicer(runner), server)
     port = server.add_insecure_port(args.address)
-    server.start()
-    if args.port_file:
-        tmp = f"{args.port_file}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{args.address.rsplit(':', 1)[0]}:{port}\n")
-        os.replace(tmp, args.port_file)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
-    server.stop(1).wait()
-    return 0
-
+    return serve_until_signal(server, f"{args.address.rsplit(':', 1)[0]}:{port}", args.port_file)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -282,6 +282,7 @@ class Batcher:
         try:
             probs, digits = run(x)
         except BaseException as exc:  # noqa: BLE001 - every caller in the batch gets the error
+            end = self._clock()
             for p in batch:
                 p.error = exc
         else:
@@ -290,7 +291,6 @@ class Batcher:
             for p in batch:
                 p.result = Result(probs[offset : offset + p.n], digits[offset : offset + p.n], tag, start - p.enqueued, end - start)
                 offset += p.n
-        end = self._clock()
         queue_times = [start - p.enqueued for p in batch]
         with self._lock:
             s = self.stats

@@ -19,8 +19,6 @@ from server.model_store import LoadedModel
 from server.settings import Settings
 from server.stats import Statistics
 
-NO_DEADLINE_S = 86400.0
-
 
 class State(str, enum.Enum):
     LOADING = "loading"  # port open, model not verified yet: readiness NOT_SERVING, inference UNAVAILABLE
@@ -98,7 +96,6 @@ class Core:
     ) -> Result:
         """Batched inference: probabilities, digits, the model that computed them (`tag`), and
         the request's queue and compute seconds."""
-        # grpc reports "no deadline" as a huge time_remaining(); a wait that long would overflow
-        # the platform's timeout, so anything beyond a day is treated as no deadline at all.
-        deadline = None if remaining_s is None or not remaining_s < NO_DEADLINE_S else time.monotonic() + remaining_s
+        # grpc reports "no deadline" as a huge time_remaining(): the batcher caps each wait.
+        deadline = None if remaining_s is None else time.monotonic() + remaining_s
         return self.batcher.infer(pixels, deadline, is_cancelled)
