@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from mnist_edge import __version__
 from protos.digits.v1 import digits_pb2, digits_pb2_grpc
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from server import logs, model_store
+from server import logs, model_store, threads, v2
 from server.core import Core, State
 from server.model_store import LoadedModel
 from server.native import DigitClassifierServicer
@@ -127,19 +127,30 @@ class App:
                 interceptors.append(TokenInterceptor(read_token(settings.token_file)))
             except ValueError as exc:
                 raise BindError(str(exc)) from None
+        # Unary calls on a small last-in-first-out pool; every streaming method on a pool of its
+        # own, so open streams never hold the threads unary calls need (server/threads.py).
+        self.pool = threads.LifoThreadPool(settings.handler_threads, thread_name_prefix="rpc")
+        self.stream_pool = futures.ThreadPoolExecutor(max_workers=settings.stream_threads, thread_name_prefix="stream")
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.handler_threads, thread_name_prefix="rpc"),
+            self.pool,
             options=options,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             interceptors=interceptors,
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.core, __version__), self.server)
-        digits_pb2_grpc.add_DigitClassifierServicer_to_server(DigitClassifierServicer(self.core), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        v2_servicer = InferenceServicer(self.core, __version__)
+        native_servicer = DigitClassifierServicer(self.core)
+        registrations = [
+            (lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(v2_servicer, s), {"ModelInfer": v2.model_infer_handler(v2_servicer)}),
+            (lambda s: digits_pb2_grpc.add_DigitClassifierServicer_to_server(native_servicer, s), None),
+            (lambda s: health_pb2_grpc.add_HealthServicer_to_server(self.health, s), None),
+        ]
         self.service_names = [INFERENCE_SERVICE, NATIVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         if settings.reflection:
-            self.service_names.append(reflection.SERVICE_NAME)
-            reflection.enable_server_reflection(self.service_names, self.server)
+            names = self.service_names + [reflection.SERVICE_NAME]
+            registrations.append((lambda s: reflection.enable_server_reflection(names, s), None))
+            self.service_names = names
+        for add, replace in registrations:
+            threads.register(add, self.server, self.stream_pool, replace)
         self.address = self._bind(settings.address)
         self.health_server: grpc.Server | None = None
         self.health_address: str | None = None

@@ -161,26 +161,31 @@ class Batcher:
         return p.result
 
     def _run_alone(self, pixels: np.ndarray) -> Result:
-        """The idle fast path: one request, no queue, no hand-off."""
-        start = self._clock()
+        """The idle fast path: one request, no queue, no hand-off; one lock round at the end."""
+        clock = self._clock
         run, tag = self._run, self._tag
+        start = clock()
         try:
             probs, digits = run(pixels)
         except BaseException:
             self._handoff()
             raise
-        end = self._clock()
-        n = int(pixels.shape[0])
+        seconds = clock() - start
+        n = pixels.shape[0]
         with self._lock:
             s = self.stats
             s.batches += 1
             s.images += n
             s.batch_sizes[n] += 1
-            s.compute_seconds += end - start
+            s.compute_seconds += seconds
+            idle = not self._queue
+            if idle:
+                self._busy = False
+        if not idle:
+            self._handoff()
         if self._on_batch is not None:
-            self._on_batch(n, end - start)
-        self._handoff()
-        return Result(probs, digits, tag, 0.0, end - start)
+            self._on_batch(n, seconds)
+        return Result(probs, digits, tag, 0.0, seconds)
 
     def _wait(self, p: _Pending) -> bool:
         """Wait for our result or for the leader role; True when we must lead."""

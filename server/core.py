@@ -24,7 +24,7 @@ class State(str, enum.Enum):
     LOADING = "loading"  # port open, model not verified yet: readiness NOT_SERVING, inference UNAVAILABLE
     SERVING = "serving"
     DRAINING = "draining"  # SIGTERM seen: readiness NOT_SERVING, new calls still served (--drain-delay-s)
-    STOPPING = "stopping"  # new calls refused with UNAVAILABLE; calls in flight finish (--grace-s)
+    STOPPING = "stopping"  # gRPC refuses new calls (UNAVAILABLE); calls in flight finish (--grace-s)
     FAILED = "failed"  # the model could not be loaded or verified
 
 
@@ -67,13 +67,14 @@ class Core:
 
     # per-call checks -----------------------------------------------------------
     def serving_model(self) -> LoadedModel:
-        """The model to answer with, or UNAVAILABLE while loading or stopping."""
+        """The model to answer with, or UNAVAILABLE while loading."""
         state = self.state
         model = self.model
         if model is None or state is State.LOADING or state is State.FAILED:
             raise Unavailable("the server is starting: the model is not loaded and verified yet; retry shortly")
-        if state is State.STOPPING:
-            raise Unavailable("the server is shutting down; retry on another replica")
+        # STOPPING: gRPC itself refuses calls that arrive after the stop began; a call that
+        # reaches a handler now was accepted before (it waited for a handler thread), so it is
+        # in flight and is answered within the grace period.
         return model
 
     @property

@@ -50,13 +50,14 @@ class Settings:
     health_address: str | None = _opt(None, "HOST:PORT for a plaintext health-only listener (for probes that cannot speak TLS)")
     metrics_address: str = _opt("127.0.0.1:9464", 'HOST:PORT for the Prometheus /metrics endpoint ("" turns it off)')
     intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per session")
-    handler_threads: int = _opt(64, "gRPC handler threads: calls served at once (each open stream holds one); threads start on demand")
+    handler_threads: int = _opt(4, "threads for unary calls (most recently idle first; more calls wait in line, none is refused); threads start on demand")
+    stream_threads: int = _opt(64, "threads for streams: streams open at once (each open stream holds one; more wait for one to close)")
     max_concurrent_rpcs: int = _opt(1024, "calls accepted at once; more get RESOURCE_EXHAUSTED from gRPC")
     log_format: str = _opt("json", "log line format: json or text", choices=("json", "text"))
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 
     def validate(self) -> "Settings":
-        positive = ("workers", "max_request_images", "max_batch_size", "max_queue", "max_image_bytes", "max_image_pixels", "max_message_bytes", "intra_op_threads", "handler_threads", "max_concurrent_rpcs")
+        positive = ("workers", "max_request_images", "max_batch_size", "max_queue", "max_image_bytes", "max_image_pixels", "max_message_bytes", "intra_op_threads", "handler_threads", "stream_threads", "max_concurrent_rpcs")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

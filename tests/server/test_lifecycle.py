@@ -135,7 +135,8 @@ def test_shutdown_finishes_calls_in_flight_and_refuses_new_ones(mnist):
         model.runner = Slow()
         return model
 
-    with running_server(loader=loader, grace_s=10.0) as app:
+    # 6 calls in the handlers at once: more handler threads than the default
+    with running_server(loader=loader, grace_s=10.0, handler_threads=8) as app:
         images = mnist.test.images
         with futures.ThreadPoolExecutor(8) as pool:
             calls = [pool.submit(_infer, app.address, images[i : i + 1]) for i in range(6)]

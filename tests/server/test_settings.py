@@ -46,6 +46,7 @@ SAMPLES: dict[str, tuple[str, object, str, object]] = {
     "metrics_address": ("0.0.0.0:9100", "0.0.0.0:9100", "127.0.0.1:9200", "127.0.0.1:9200"),
     "intra_op_threads": ("2", 2, "3", 3),
     "handler_threads": ("9", 9, "11", 11),
+    "stream_threads": ("7", 7, "13", 13),
     "max_concurrent_rpcs": ("77", 77, "88", 88),
     "log_format": ("text", "text", "json", "json"),
     "log_level": ("debug", "debug", "error", "error"),
