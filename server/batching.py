@@ -45,14 +45,16 @@ _MAX_WAIT_S = 3600.0  # re-checked after this long; far below threading.TIMEOUT_
 
 
 class _Pending:
-    __slots__ = ("pixels", "n", "deadline", "is_cancelled", "event", "state", "result", "error", "enqueued")
+    __slots__ = ("pixels", "n", "deadline", "is_cancelled", "wake", "state", "result", "error", "enqueued")
 
     def __init__(self, pixels: np.ndarray, deadline: float | None, is_cancelled: Callable[[], bool] | None, now: float) -> None:
         self.pixels = pixels
         self.n = int(pixels.shape[0])
         self.deadline = deadline
         self.is_cancelled = is_cancelled
-        self.event: threading.Event | None = None  # made only when the request has to wait
+        # Made only when the request has to wait: a lock held until the request may go on (its
+        # result is ready or it must lead). A plain lock is the cheapest wake-up Python has.
+        self.wake: threading.Lock | None = None
         self.state = _QUEUED
         self.result: Result | None = None
         self.error: BaseException | None = None
@@ -142,7 +144,8 @@ class Batcher:
                 self._queue.append(p)
                 self._queued_images += n
                 if self._busy:
-                    p.event = threading.Event()
+                    p.wake = threading.Lock()
+                    p.wake.acquire()
                     self._arrival.notify()
                     lead = False
                 else:
@@ -190,9 +193,9 @@ class Batcher:
     def _wait(self, p: _Pending) -> bool:
         """Wait for our result or for the leader role; True when we must lead."""
         while True:
-            # Capped: an event wait beyond threading.TIMEOUT_MAX raises OverflowError.
-            timeout = None if p.deadline is None else min(max(0.0, p.deadline - self._clock()), _MAX_WAIT_S)
-            fired = p.event.wait(timeout)
+            # Capped: a wait beyond threading.TIMEOUT_MAX raises OverflowError.
+            timeout = -1 if p.deadline is None else min(max(0.0, p.deadline - self._clock()), _MAX_WAIT_S)
+            fired = p.wake.acquire(True, timeout)
             with self._lock:
                 if p.state == _LEADER:
                     return True
@@ -209,7 +212,6 @@ class Batcher:
                     )
                     return False
                 # Taken into a running batch: it will finish; wait without a timeout.
-                p.event.clear()
                 if p.state == _RUNNING:
                     p.deadline = None
 
@@ -245,7 +247,7 @@ class Batcher:
         p.error = error
         if p.state != _LEADER:
             p.state = _DONE
-            p.event.set()
+            p.wake.release()
 
     def _lead(self) -> None:
         with self._lock:
@@ -275,7 +277,7 @@ class Batcher:
                     self.stats.cancelled += 1
                 else:
                     head.state = _LEADER
-                    head.event.set()
+                    head.wake.release()
                     break
             else:
                 self._busy = False
@@ -307,6 +309,6 @@ class Batcher:
             for p in batch:
                 if p.state != _LEADER:
                     p.state = _DONE
-                    p.event.set()
+                    p.wake.release()
         if self._on_batch is not None:
             self._on_batch(int(x.shape[0]), end - start)

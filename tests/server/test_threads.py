@@ -159,3 +159,27 @@ def test_open_streams_never_take_the_threads_of_unary_calls(mnist):
                 assert list(stream) == []
         finally:
             channel.close()
+
+
+def test_single_image_path_matches_the_general_run_even_under_concurrent_callers(mnist):
+    """ModelRunner's bound-buffer path for one image gives what session.run gives, and callers
+    racing for it (the loser takes the general path) each get their own image's answer."""
+    from server import model_store
+    from server.runner import INPUT, OUTPUTS
+
+    runner = model_store.load(None).runner
+    images = mnist.test.images[:200]
+    want_probs, want_digits = runner.session.run(OUTPUTS, {INPUT: images})
+    for i in range(20):
+        probs, digits = runner.run(images[i : i + 1])
+        np.testing.assert_array_equal(probs, want_probs[i : i + 1])
+        np.testing.assert_array_equal(digits, want_digits[i : i + 1])
+
+    def check(i):
+        for _ in range(5):
+            probs, digits = runner.run(images[i : i + 1])
+            assert probs.shape == (1, 10) and np.array_equal(probs[0], want_probs[i]) and digits[0] == want_digits[i]
+        return True
+
+    with futures.ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(check, range(200)))
