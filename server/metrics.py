@@ -40,7 +40,7 @@ Snapshot = dict[str, Any]
 
 
 def snapshot(stats: Statistics, model: Any, ready: bool, queue_depth: int) -> Snapshot:
-    with stats.lock:
+    with stats.locked():
         return {
             "model": getattr(model, "name", "mnist"),
             "version": getattr(model, "version", ""),

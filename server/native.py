@@ -111,7 +111,7 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
         if not timing:  # every image was refused: the model never ran
             self.core.stats.record_request(api, "OK", end - t0, model_level=False)
             return
-        self.core.stats.record_request(api, "OK", end - t0, timing["input_ns"], end - timing["t2"], queue_ns=timing["queue_ns"], infer_ns=timing["infer_ns"])
+        self.core.stats.record_ok(api, end - t0, timing["input_ns"], end - timing["t2"], timing["queue_ns"], timing["infer_ns"])
 
     def Classify(self, request, context):
         t0 = time.perf_counter_ns()

@@ -1,11 +1,15 @@
 """Per-model counters, in Triton's terms, shared by ModelStatistics and the metrics endpoint.
 
-Updated with a few integer additions under one lock per request and per batch; read
-at scrape time. Durations are nanoseconds, as Triton reports them.
+A successful request and an executed batch are appended to a queue, without a lock (the
+hot path); failures are counted at once. Readers take `locked()`, which folds the queue into
+the counters first, so every reading is complete and consistent. Durations are
+nanoseconds, as Triton reports them.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import threading
 import time
 from bisect import bisect_left
@@ -51,9 +55,14 @@ class Histogram:
         self.n += 1
 
 
+_BATCH = object()  # marks a batch record in the pending queue
+_FOLD_AT = 4096  # records queued before a writer folds them itself (bounds the memory)
+
+
 class Statistics:
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self._pending: collections.deque[tuple] = collections.deque()
         self.success = Duration()
         self.fail = Duration()
         self.queue = Duration()
@@ -102,16 +111,72 @@ class Statistics:
             else:
                 self.fail.add(total_ns)
 
-    def record_batch(self, size: int, compute_seconds: float) -> None:
-        compute_ns = int(compute_seconds * 1e9)
+    def record_ok(self, api: str, total_ns: int, input_ns: int, output_ns: int, queue_ns: int, infer_ns: int) -> None:
+        """A successful model-level request: queued for the next `locked()` (deque appends are
+        thread-safe), so the call path takes no lock and does no arithmetic."""
+        self._pending.append((api, total_ns, input_ns, output_ns, queue_ns, infer_ns))
+        if len(self._pending) > _FOLD_AT:
+            with self.locked():
+                pass
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the lock with every queued record folded into the counters: for readers."""
         with self.lock:
-            self.execution_count += 1
-            self.inference_count += size
-            self.last_inference_ms = int(time.time() * 1000)
-            self.compute_hist.observe(compute_seconds)
-            self.batch_hist.observe(size)
-            b = self.batches.get(size)
-            if b is None:
-                b = self.batches[size] = BatchDurations()
-            b.count += 1
-            b.compute_infer_ns += compute_ns
+            self._fold()
+            yield self
+
+    def _fold(self) -> None:
+        pending = self._pending
+        by = self.requests_by
+        rh, qh, ch, bh = self.request_hist, self.queue_hist, self.compute_hist, self.batch_hist
+        success, queue, c_in, c_infer, c_out = self.success, self.queue, self.compute_input, self.compute_infer, self.compute_output
+        while True:
+            try:
+                rec = pending.popleft()
+            except IndexError:
+                return
+            if rec[0] is _BATCH:
+                _, size, compute_seconds, wall_ms = rec
+                self.execution_count += 1
+                self.inference_count += size
+                self.last_inference_ms = max(self.last_inference_ms, wall_ms)
+                ch.counts[bisect_left(ch.buckets, compute_seconds)] += 1
+                ch.total += compute_seconds
+                ch.n += 1
+                bh.counts[bisect_left(bh.buckets, size)] += 1
+                bh.total += size
+                bh.n += 1
+                b = self.batches.get(size)
+                if b is None:
+                    b = self.batches[size] = BatchDurations()
+                b.count += 1
+                b.compute_infer_ns += int(compute_seconds * 1e9)
+                continue
+            api, total_ns, input_ns, output_ns, queue_ns, infer_ns = rec
+            key = (api, "OK")
+            by[key] = by.get(key, 0) + 1
+            total_s, queue_s = total_ns / 1e9, queue_ns / 1e9
+            rh.counts[bisect_left(rh.buckets, total_s)] += 1
+            rh.total += total_s
+            rh.n += 1
+            qh.counts[bisect_left(qh.buckets, queue_s)] += 1
+            qh.total += queue_s
+            qh.n += 1
+            success.count += 1
+            success.ns += total_ns
+            queue.count += 1
+            queue.ns += queue_ns
+            c_in.count += 1
+            c_in.ns += input_ns
+            c_infer.count += 1
+            c_infer.ns += infer_ns
+            c_out.count += 1
+            c_out.ns += output_ns
+
+    def record_batch(self, size: int, compute_seconds: float) -> None:
+        """An executed batch: queued like `record_ok`."""
+        self._pending.append((_BATCH, size, compute_seconds, int(time.time() * 1000)))
+        if len(self._pending) > _FOLD_AT:
+            with self.locked():
+                pass

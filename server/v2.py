@@ -258,7 +258,7 @@ def model_statistics(stats, name: str, version: str) -> pb.ModelStatistics:
     def d(x) -> pb.StatisticDuration:
         return pb.StatisticDuration(count=x.count, ns=x.ns)
 
-    with stats.lock:
+    with stats.locked():
         return pb.ModelStatistics(
             name=name,
             version=version,
@@ -364,7 +364,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 response = encode_infer(model.name, model.version, decoded, result.probabilities, result.digits)
             t3 = now()
-            self.core.stats.record_request("v2", "OK", t3 - t0, t1 - t0, t3 - t2, queue_ns=int(result.queue_s * 1e9), infer_ns=int(result.compute_s * 1e9))
+            self.core.stats.record_ok("v2", t3 - t0, t1 - t0, t3 - t2, int(result.queue_s * 1e9), int(result.compute_s * 1e9))
             return response
         except Exception as exc:  # noqa: BLE001 - mapped to a status here
             self.core.stats.record_request("v2", status_of(exc).name, now() - t0)
