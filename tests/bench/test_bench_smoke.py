@@ -41,3 +41,18 @@ def test_bench_runs_small_and_reports_every_figure(tmp_path):
     assert result["cold_start"]["median_s"] > 0 and result["compute_floor"]["batch_1_us"] > 0
     md = (out / "bench.md").read_text()
     assert "## Targets" in md and "| unary-64 c=4 |" in md and "minimal servicer" in md and "unix: socket" in md
+
+
+def test_anatomy_runs_small_and_reports_every_stage(tmp_path):
+    """`python -m bench.anatomy`: every stage server starts, answers, and lands in the table."""
+    out = tmp_path / "anatomy"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.anatomy", "--rounds", "1", "--seconds", "0.2", "--concurrency", "1,4", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "anatomy.md").read_text()
+    for stage in ("floor", "transport", "model", "protobuf", "server"):
+        rows = [line for line in text.splitlines() if line.startswith(f"| {stage} |")]
+        assert len(rows) == 2 and all(row.endswith("| 0 |") for row in rows), rows  # one per level, no errors
+    assert "model call inside the server:" in text and "tight loop" in text

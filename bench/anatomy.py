@@ -1,0 +1,149 @@
+"""Where a one-image request's server time goes: the floor, then mnist-edge's transport with
+one piece of the work added at a time, then mnist-edge itself, interleaved like `mnist-edge bench`.
+
+Stages (each a server of its own, pinned to CPU 0; the load generator on CPU 1):
+  floor     bench/floor.py: stock 64-thread pool, echo with identity serializers
+  transport mnist-edge's handler pool (server/threads.py, 4 threads), a fixed response, no parsing
+  model     + the model call on one image (fixed pixels), timed in the server; at start the
+            same process times the call in a tight loop, so the log compares a call made
+            between network work with one made right after another
+  protobuf  + parsing the request with protobuf and writing the response from the model's output
+  server    `mnist-edge serve` with its defaults (validation, batcher, statistics, metrics)
+
+    python -m bench.anatomy --rounds 5 --seconds 1 --concurrency 1,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("transport", "model", "protobuf")
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def serve(argv: list[str]) -> int:
+    import grpc
+
+    from bench.floor import serve_until_signal
+    from protos.inference import grpc_service_pb2 as pb
+    from server import model_store
+    from server.threads import LifoThreadPool
+    from server.v2 import encode_infer_bytes
+
+    p = argparse.ArgumentParser(prog="python -m bench.anatomy serve")
+    p.add_argument("--stage", choices=STAGES, required=True)
+    p.add_argument("--address", default="127.0.0.1:0")
+    p.add_argument("--port-file")
+    args = p.parse_args(argv)
+    runner = model_store.load(None).runner
+    runner.warm_up()
+    fixed = np.zeros((1, 28, 28), dtype=np.uint8)
+    probs, digits = runner.run(fixed)
+    canned = encode_infer_bytes("mnist", "1", "", probs, digits)
+    timings = [0, 0]  # calls, ns in the model call
+    clock = time.perf_counter_ns
+    loop = []
+    for _ in range(2000):
+        t0 = clock()
+        runner.run(fixed)
+        loop.append(clock() - t0)
+    in_loop_us = statistics.median(loop) / 1e3
+
+    def transport(request: bytes, context) -> bytes:
+        return canned
+
+    def model(request: bytes, context) -> bytes:
+        t0 = clock()
+        runner.run(fixed)
+        timings[1] += clock() - t0
+        timings[0] += 1
+        return canned
+
+    def protobuf(request, context) -> bytes:
+        n = request.inputs[0].shape[0]
+        pixels = np.frombuffer(request.raw_input_contents[0], dtype=np.uint8).reshape(n, 28, 28)
+        probs, digits = runner.run(pixels)
+        return encode_infer_bytes(request.model_name, "1", request.id, probs, digits)
+
+    fn = {"transport": transport, "model": model, "protobuf": protobuf}[args.stage]
+    deserializer = pb.ModelInferRequest.FromString if args.stage == "protobuf" else None
+    server = grpc.server(LifoThreadPool(4), options=[("grpc.so_reuseport", 0)])
+    handler = grpc.unary_unary_rpc_method_handler(fn, request_deserializer=deserializer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {"ModelInfer": handler}),))
+    port = server.add_insecure_port(args.address)
+    code = serve_until_signal(server, f"{args.address.rsplit(':', 1)[0]}:{port}", args.port_file)
+    if timings[0]:
+        n = timings[0]
+        print(f"model call inside the server: {timings[1] / n / 1e3:.1f} us on average ({n} requests); "
+              f"the same call in a tight loop in this process: {in_loop_us:.1f} us (median)", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:])
+    from bench import loadgen
+    from bench import run as br
+
+    p = argparse.ArgumentParser(prog="python -m bench.anatomy", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=1.0)
+    p.add_argument("--concurrency", default="1,64")
+    p.add_argument("--out", type=Path, default=Path("reports/anatomy"))
+    args = p.parse_args(argv)
+    loadgen.pin_to(br.LOADGEN_CPU)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = br.BenchConfig(seconds=args.seconds, max_requests=40000)
+    payload = br.infer_payload(np.random.default_rng(0).integers(0, 256, (1, 28, 28), dtype=np.uint8))
+    py = sys.executable
+    servers = {
+        "floor": br.floor_cmd(),
+        **{s: [py, "-m", "bench.anatomy", "serve", "--stage", s] for s in STAGES},
+        "server": br.server_cmd(cfg),
+    }
+    levels = [int(c) for c in args.concurrency.split(",")]
+    rows: dict[tuple[str, int], list[dict]] = {}
+    model_log = []
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
+        for name, cmd in servers.items():
+            port_file = args.out / f"{name}.port"
+            proc = br.start(cmd, port_file)
+            try:
+                if name == "server":
+                    br.wait_serving(proc.address)
+                for c in levels:
+                    method = "/bench.Echo/Echo" if name == "floor" else METHOD
+                    rows.setdefault((name, c), []).append(br.measure(proc, method, payload, c, cfg, False, 1, False))
+            finally:
+                proc.stop()
+            if name == "model":
+                model_log.append(port_file.with_suffix(".log").read_text().strip().splitlines()[-1])
+    lines = [f"`python -m bench.anatomy {' '.join(shlex.quote(a) for a in argv)}` ({args.rounds} interleaved rounds; medians of per-round ratios to the floor)", ""]
+    for c in levels:
+        lines += [f"c={c}", "", "| stage | p50 us | p50 / floor | req/s | req/s / floor | server CPU us/req | over the floor | errors |", "|---|---|---|---|---|---|---|---|"]
+        floor = rows[("floor", c)]
+        for name in servers:
+            got = rows[(name, c)]
+            med = lambda k: statistics.median(x[k] for x in got)  # noqa: E731
+            ratio = lambda k: statistics.median(x[k] / f[k] for x, f in zip(got, floor))  # noqa: E731
+            over = statistics.median(x["server_cpu_us_per_request"] - f["server_cpu_us_per_request"] for x, f in zip(got, floor))
+            lines.append(f"| {name} | {med('p50_us'):.0f} | {ratio('p50_us'):.2f} | {med('throughput_rps'):,.0f} | {ratio('throughput_rps'):.2f} | {med('server_cpu_us_per_request'):.0f} | {over:+.0f} | {sum(x['errors'] for x in got)} |")
+        lines.append("")
+    lines += ["In the `model` stage, per round:", ""] + [f"- {m}" for m in model_log]
+    text = "\n".join(lines) + "\n"
+    (args.out / "anatomy.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
