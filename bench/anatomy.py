@@ -8,7 +8,10 @@ Stages (each a server of its own, pinned to CPU 0; the load generator on CPU 1):
             same process times the call in a tight loop, so the log compares a call made
             between network work with one made right after another
   protobuf  + parsing the request with protobuf and writing the response from the model's output
-  server    `mnist-edge serve` with its defaults (validation, batcher, statistics, metrics)
+  handler   mnist-edge's own ModelInfer (validation, batcher, statistics) on that same bare server
+  server    `mnist-edge serve` with its defaults (every service, health, reflection, metrics)
+
+Every stage gets a fresh server for each concurrency level, so in-server timings are per level.
 
     python -m bench.anatomy --rounds 5 --seconds 1 --concurrency 1,64
 """
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = ("transport", "model", "protobuf")
+STAGES = ("transport", "model", "protobuf", "handler")
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
@@ -72,10 +75,20 @@ def serve(argv: list[str]) -> int:
         probs, digits = runner.run(pixels)
         return encode_infer_bytes(request.model_name, "1", request.id, probs, digits)
 
-    fn = {"transport": transport, "model": model, "protobuf": protobuf}[args.stage]
-    deserializer = pb.ModelInferRequest.FromString if args.stage == "protobuf" else None
+    if args.stage == "handler":
+        from server.core import Core, State
+        from server.settings import Settings
+        from server.v2 import InferenceServicer, model_infer_handler
+
+        core = Core(Settings())
+        core.set_model(model_store.load(None))
+        core.set_state(State.SERVING)
+        handler = model_infer_handler(InferenceServicer(core, "anatomy"))
+    else:
+        fn = {"transport": transport, "model": model, "protobuf": protobuf}[args.stage]
+        deserializer = pb.ModelInferRequest.FromString if args.stage == "protobuf" else None
+        handler = grpc.unary_unary_rpc_method_handler(fn, request_deserializer=deserializer)
     server = grpc.server(LifoThreadPool(4), options=[("grpc.so_reuseport", 0)])
-    handler = grpc.unary_unary_rpc_method_handler(fn, request_deserializer=deserializer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {"ModelInfer": handler}),))
     port = server.add_insecure_port(args.address)
     code = serve_until_signal(server, f"{args.address.rsplit(':', 1)[0]}:{port}", args.port_file)
@@ -114,19 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     model_log = []
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
-        for name, cmd in servers.items():
-            port_file = args.out / f"{name}.port"
-            proc = br.start(cmd, port_file)
-            try:
-                if name == "server":
-                    br.wait_serving(proc.address)
-                for c in levels:
+        for c in levels:
+            for name, cmd in servers.items():
+                port_file = args.out / f"{name}.port"
+                proc = br.start(cmd, port_file)
+                try:
+                    if name == "server":
+                        br.wait_serving(proc.address)
                     method = "/bench.Echo/Echo" if name == "floor" else METHOD
                     rows.setdefault((name, c), []).append(br.measure(proc, method, payload, c, cfg, False, 1, False))
-            finally:
-                proc.stop()
-            if name == "model":
-                model_log.append(port_file.with_suffix(".log").read_text().strip().splitlines()[-1])
+                finally:
+                    proc.stop()
+                if name == "model":
+                    model_log.append(f"c={c}: " + port_file.with_suffix(".log").read_text().strip().splitlines()[-1])
     lines = [f"`python -m bench.anatomy {' '.join(shlex.quote(a) for a in argv)}` ({args.rounds} interleaved rounds; medians of per-round ratios to the floor)", ""]
     for c in levels:
         lines += [f"c={c}", "", "| stage | p50 us | p50 / floor | req/s | req/s / floor | server CPU us/req | over the floor | errors |", "|---|---|---|---|---|---|---|---|"]
@@ -138,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             over = statistics.median(x["server_cpu_us_per_request"] - f["server_cpu_us_per_request"] for x, f in zip(got, floor))
             lines.append(f"| {name} | {med('p50_us'):.0f} | {ratio('p50_us'):.2f} | {med('throughput_rps'):,.0f} | {ratio('throughput_rps'):.2f} | {med('server_cpu_us_per_request'):.0f} | {over:+.0f} | {sum(x['errors'] for x in got)} |")
         lines.append("")
-    lines += ["In the `model` stage, per round:", ""] + [f"- {m}" for m in model_log]
+    lines += ["In the `model` stage, per round and level:", ""] + [f"- {m}" for m in sorted(model_log, key=lambda m: int(m.split(":")[0][2:]))]
     text = "\n".join(lines) + "\n"
     (args.out / "anatomy.md").write_text(text)
     print(text)

@@ -566,10 +566,10 @@ def experiments(cfg: FootprintConfig, venv: Path, model: Path, tmp: Path, payloa
         "MALLOC_MMAP_THRESHOLD_=131072": ({"MALLOC_MMAP_THRESHOLD_": "131072"}, (), None),
         "--metrics-address '' (metrics off)": ({}, ("--metrics-address", ""), None),
         "--no-reflection": ({}, ("--no-reflection",), None),
-        "--handler-threads 8": ({}, ("--handler-threads", "8"), None),
-        f"{many} callers, --handler-threads 64 (default), {' '.join(queue)}": ({}, queue, many),
-        f"{many} callers, --handler-threads 8, {' '.join(queue)}": ({}, ("--handler-threads", "8", *queue), many),
-        "--metrics-address '' + --handler-threads 8": ({}, ("--metrics-address", "", "--handler-threads", "8"), None),
+        "--handler-threads 16": ({}, ("--handler-threads", "16"), None),
+        f"{many} callers, --handler-threads 4 (default), {' '.join(queue)}": ({}, queue, many),
+        f"{many} callers, --handler-threads 16, {' '.join(queue)}": ({}, ("--handler-threads", "16", *queue), many),
+        "--metrics-address '' + --no-reflection": ({}, ("--metrics-address", "", "--no-reflection"), None),
     }
     malloc = {}
     for name, (env, args, conc) in variants.items():

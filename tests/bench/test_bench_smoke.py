@@ -52,7 +52,7 @@ def test_anatomy_runs_small_and_reports_every_stage(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (out / "anatomy.md").read_text()
-    for stage in ("floor", "transport", "model", "protobuf", "server"):
+    for stage in ("floor", "transport", "model", "protobuf", "handler", "server"):
         rows = [line for line in text.splitlines() if line.startswith(f"| {stage} |")]
         assert len(rows) == 2 and all(row.endswith("| 0 |") for row in rows), rows  # one per level, no errors
     assert "model call inside the server:" in text and "tight loop" in text
