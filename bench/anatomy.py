@@ -42,10 +42,11 @@ def serve(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="python -m bench.anatomy serve")
     p.add_argument("--stage", choices=STAGES, required=True)
+    p.add_argument("--model", default=None, help="models directory (default: the shipped model)")
     p.add_argument("--address", default="127.0.0.1:0")
     p.add_argument("--port-file")
     args = p.parse_args(argv)
-    runner = model_store.load(None).runner
+    runner = model_store.load(args.model).runner
     runner.warm_up()
     fixed = np.zeros((1, 28, 28), dtype=np.uint8)
     probs, digits = runner.run(fixed)
@@ -81,7 +82,7 @@ def serve(argv: list[str]) -> int:
         from server.v2 import InferenceServicer, model_infer_handler
 
         core = Core(Settings())
-        core.set_model(model_store.load(None))
+        core.set_model(model_store.load(args.model))
         core.set_state(State.SERVING)
         handler = model_infer_handler(InferenceServicer(core, "anatomy"))
     else:
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=1.0)
     p.add_argument("--concurrency", default="1,64")
     p.add_argument("--out", type=Path, default=Path("reports/anatomy"))
+    p.add_argument("--model", default=None, help="models directory to serve in every stage (default: the shipped model)")
     args = p.parse_args(argv)
     loadgen.pin_to(br.LOADGEN_CPU)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -119,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     servers = {
         "floor": br.floor_cmd(),
-        **{s: [py, "-m", "bench.anatomy", "serve", "--stage", s] for s in STAGES},
-        "server": br.server_cmd(cfg),
+        **{s: [py, "-m", "bench.anatomy", "serve", "--stage", s] + (["--model", args.model] if args.model else []) for s in STAGES},
+        "server": br.server_cmd(cfg) + (["--model", args.model] if args.model else []),
     }
     levels = [int(c) for c in args.concurrency.split(",")]
     rows: dict[tuple[str, int], list[dict]] = {}
