@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.splitlines()[0])
     p.add_argument("--address", default="127.0.0.1:0")
     p.add_argument("--port-file", default=None)
-    p.add_argument("--threads", type=int, default=64, help="handler threads (mnist-edge's default)")
+    p.add_argument("--threads", type=int, default=64, help="thread pool size (a stock ThreadPoolExecutor, as reference servers run it)")
     args = p.parse_args(argv)
     server, address = create_server(args.address, args.threads)
     return serve_until_signal(server, address, args.port_file)
