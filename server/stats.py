@@ -127,10 +127,8 @@ class Statistics:
             yield self
 
     def _fold(self) -> None:
+        """Under the lock: move every queued record into the counters (off the call path)."""
         pending = self._pending
-        by = self.requests_by
-        rh, qh, ch, bh = self.request_hist, self.queue_hist, self.compute_hist, self.batch_hist
-        success, queue, c_in, c_infer, c_out = self.success, self.queue, self.compute_input, self.compute_infer, self.compute_output
         while True:
             try:
                 rec = pending.popleft()
@@ -141,12 +139,8 @@ class Statistics:
                 self.execution_count += 1
                 self.inference_count += size
                 self.last_inference_ms = max(self.last_inference_ms, wall_ms)
-                ch.counts[bisect_left(ch.buckets, compute_seconds)] += 1
-                ch.total += compute_seconds
-                ch.n += 1
-                bh.counts[bisect_left(bh.buckets, size)] += 1
-                bh.total += size
-                bh.n += 1
+                self.compute_hist.observe(compute_seconds)
+                self.batch_hist.observe(size)
                 b = self.batches.get(size)
                 if b is None:
                     b = self.batches[size] = BatchDurations()
@@ -155,24 +149,14 @@ class Statistics:
                 continue
             api, total_ns, input_ns, output_ns, queue_ns, infer_ns = rec
             key = (api, "OK")
-            by[key] = by.get(key, 0) + 1
-            total_s, queue_s = total_ns / 1e9, queue_ns / 1e9
-            rh.counts[bisect_left(rh.buckets, total_s)] += 1
-            rh.total += total_s
-            rh.n += 1
-            qh.counts[bisect_left(qh.buckets, queue_s)] += 1
-            qh.total += queue_s
-            qh.n += 1
-            success.count += 1
-            success.ns += total_ns
-            queue.count += 1
-            queue.ns += queue_ns
-            c_in.count += 1
-            c_in.ns += input_ns
-            c_infer.count += 1
-            c_infer.ns += infer_ns
-            c_out.count += 1
-            c_out.ns += output_ns
+            self.requests_by[key] = self.requests_by.get(key, 0) + 1
+            self.request_hist.observe(total_ns / 1e9)
+            self.queue_hist.observe(queue_ns / 1e9)
+            self.success.add(total_ns)
+            self.queue.add(queue_ns)
+            self.compute_input.add(input_ns)
+            self.compute_infer.add(infer_ns)
+            self.compute_output.add(output_ns)
 
     def record_batch(self, size: int, compute_seconds: float) -> None:
         """An executed batch: queued like `record_ok`."""
