@@ -303,8 +303,14 @@ class App:
                 last = now
                 self.reload("manifest changed")
 
+    def _stop_pools(self) -> None:
+        """Once gRPC has stopped, nothing more comes to the handler pools: let their threads end."""
+        self.pool.shutdown(wait=False)
+        self.stream_pool.shutdown(wait=False)
+
     def _stop_now(self) -> None:
         self.server.stop(0).wait()
+        self._stop_pools()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
         if self._metrics_httpd is not None:
@@ -328,6 +334,7 @@ class App:
             self.core.set_state(State.STOPPING)
         logs.event("stopping", f"refusing new calls; calls in flight have {s.grace_s}s to finish", grace_s=s.grace_s)
         self.server.stop(s.grace_s).wait()
+        self._stop_pools()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
         if self._metrics_httpd is not None:

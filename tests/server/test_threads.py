@@ -183,3 +183,21 @@ def test_single_image_path_matches_the_general_run_even_under_concurrent_callers
 
     with futures.ThreadPoolExecutor(8) as pool:
         assert all(pool.map(check, range(200)))
+
+
+def test_handler_threads_end_when_the_server_stops(mnist):
+    image = mnist.test.images[0]
+    with running_server() as app:
+        with grpc.insecure_channel(app.address) as channel:
+            req = pb.ModelInferRequest(
+                model_name="mnist",
+                inputs=[pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 28, 28])],
+                raw_input_contents=[image.tobytes()],
+            )
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=10)
+        threads = list(app.pool._lifo_threads)
+        assert threads
+        app.shutdown("test")
+    for t in threads:
+        t.join(timeout=10)
+        assert not t.is_alive()
