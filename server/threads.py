@@ -147,10 +147,16 @@ class _Collect:
 
 
 def _on_pool(behavior: Callable, pool: futures.ThreadPoolExecutor) -> Callable:
-    def run(*args):
-        return behavior(*args)
+    def run(*args, **kwargs):
+        return behavior(*args, **kwargs)
 
-    run.experimental_thread_pool = pool  # read by grpcio's server for this method only
+    # grpcio's server reads these from the behavior: keep a non-blocking method non-blocking
+    # (the health service's Watch answers through a callback and holds no thread), and a
+    # method's own pool if it already has one.
+    if getattr(behavior, "experimental_non_blocking", False):
+        run.experimental_non_blocking = True
+    own = getattr(behavior, "experimental_thread_pool", None)
+    run.experimental_thread_pool = own if isinstance(own, futures.ThreadPoolExecutor) else pool
     return run
 
 

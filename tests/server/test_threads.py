@@ -201,3 +201,18 @@ def test_handler_threads_end_when_the_server_stops(mnist):
     for t in threads:
         t.join(timeout=10)
         assert not t.is_alive()
+
+
+def test_health_watch_stays_non_blocking_on_the_stream_pool():
+    """grpc's HealthServicer answers Watch through a callback and holds no thread: more open
+    watches than stream threads all get their first answer."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with running_server(stream_threads=2) as app:
+        with grpc.insecure_channel(app.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watches = [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=20) for _ in range(5)]
+            for w in watches:
+                assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+            for w in watches:
+                w.cancel()
