@@ -95,27 +95,24 @@ class Statistics:
 
         `model_level=False`: a request that was not for this model (unknown name or version):
         counted by API and status, but not in the model's success/fail statistics."""
+        if status == "OK" and model_level:
+            self.record_ok(api, total_ns, input_ns, output_ns, queue_ns, infer_ns)
+            return
         with self.lock:
             key = (api, status)
             self.requests_by[key] = self.requests_by.get(key, 0) + 1
-            if not model_level:
-                return
-            self.request_hist.observe(total_ns / 1e9)
-            if status == "OK":
-                self.success.add(total_ns)
-                self.queue.add(queue_ns)
-                self.queue_hist.observe(queue_ns / 1e9)
-                self.compute_input.add(input_ns)
-                self.compute_infer.add(infer_ns)
-                self.compute_output.add(output_ns)
-            else:
+            if model_level:
+                self.request_hist.observe(total_ns / 1e9)
                 self.fail.add(total_ns)
 
     def record_ok(self, api: str, total_ns: int, input_ns: int, output_ns: int, queue_ns: int, infer_ns: int) -> None:
         """A successful model-level request: queued for the next `locked()` (deque appends are
         thread-safe), so the call path takes no lock and does no arithmetic."""
-        self._pending.append((api, total_ns, input_ns, output_ns, queue_ns, infer_ns))
-        if len(self._pending) > _FOLD_AT:
+        self._enqueue((api, total_ns, input_ns, output_ns, queue_ns, infer_ns))
+
+    def _enqueue(self, record: tuple) -> None:
+        self._pending.append(record)
+        if len(self._pending) > _FOLD_AT:  # nobody has read for a while: fold here, bounding the queue
             with self.locked():
                 pass
 
@@ -160,7 +157,4 @@ class Statistics:
 
     def record_batch(self, size: int, compute_seconds: float) -> None:
         """An executed batch: queued like `record_ok`."""
-        self._pending.append((_BATCH, size, compute_seconds, int(time.time() * 1000)))
-        if len(self._pending) > _FOLD_AT:
-            with self.locked():
-                pass
+        self._enqueue((_BATCH, size, compute_seconds, int(time.time() * 1000)))
