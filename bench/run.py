@@ -87,12 +87,12 @@ def _pin(cpu: int):
     return pre
 
 
-def start(cmd: list[str], port_file: Path, cpu: int = SERVER_CPU, timeout: float = 60) -> Proc:
+def start(cmd: list[str], port_file: Path, cpu: int = SERVER_CPU, timeout: float = 60, cwd: Path | None = None) -> Proc:
     port_file.unlink(missing_ok=True)
     # stderr goes to a file, never an unread pipe: a full pipe would block the server's logging.
     log_path = port_file.with_suffix(".log")
     with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd + ["--port-file", str(port_file)], stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_pin(cpu), text=True)
+        p = subprocess.Popen(cmd + ["--port-file", str(port_file)], stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_pin(cpu), text=True, cwd=cwd)
     end = time.monotonic() + timeout
     while not port_file.exists():
         if p.poll() is not None:

@@ -11,6 +11,9 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 
 def test_bench_runs_small_and_reports_every_figure(tmp_path):
@@ -56,3 +59,33 @@ def test_anatomy_runs_small_and_reports_every_stage(tmp_path):
         rows = [line for line in text.splitlines() if line.startswith(f"| {stage} |")]
         assert len(rows) == 2 and all(row.endswith("| 0 |") for row in rows), rows  # one per level, no errors
     assert "model call inside the server:" in text and "tight loop" in text
+
+
+def test_ab_compares_a_revision_with_the_working_tree_and_cleans_up(tmp_path):
+    """`python -m bench.ab`: a git revision runs from a temporary worktree (removed afterwards),
+    "." from the working tree with its own flags, both against the floor, every row filled."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        pytest.skip("needs the git repository (bench.ab checks revisions out of it)")
+    before = subprocess.run(["git", "worktree", "list"], cwd=root, capture_output=True, text=True, check=True).stdout
+    out = tmp_path / "ab"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--rounds", "2", "--seconds", "0.2", "--max-requests", "60", "--concurrency", "1,4",
+         "--out", str(out), "head=HEAD", "narrow=. --handler-threads 2"],
+        capture_output=True, text=True, timeout=600, check=False, cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "ab.md").read_text()
+    assert "- head: revision HEAD" in text and "- narrow: the working tree with --handler-threads 2" in text
+    for name in ("floor", "head", "narrow"):
+        rows = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
+        assert len(rows) == 2 and all(row.endswith("| 0 |") for row in rows), rows  # one per level, no errors
+    rounds = json.loads((out / "ab.json").read_text())
+    assert {len(v) for v in rounds.values()} == {2} and len(rounds) == 6
+    after = subprocess.run(["git", "worktree", "list"], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert after == before  # the temporary worktree is gone
+
+
+def test_ab_refuses_a_malformed_variant():
+    proc = subprocess.run([sys.executable, "-m", "bench.ab", "no-revision-here"], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and "expected NAME=REV [server flags...]" in proc.stderr
