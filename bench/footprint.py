@@ -165,13 +165,6 @@ def proc_mem(pid: int) -> dict[str, float]:
     return out
 
 
-def _pin(cpu: int):
-    def pre() -> None:
-        if hasattr(os, "sched_setaffinity") and cpu < (os.cpu_count() or 1):
-            os.sched_setaffinity(0, {cpu})
-    return pre
-
-
 # ---------------------------------------------------------------- the server
 
 @dataclass
@@ -209,13 +202,15 @@ def start_server(venv: Path, tmp: Path, tag: str, extra_env: dict[str, str] | No
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from bench.loadgen import spawn_pinned
+
     port_file, log_path = tmp / f"{tag}.port", tmp / f"{tag}.log"
     port_file.unlink(missing_ok=True)
     cmd = [str(venv / "bin" / "mnist-edge"), "serve", "--address", "127.0.0.1:0", "--port-file", str(port_file),
            "--metrics-address", "127.0.0.1:0", *args]
     log = log_path.open("w")
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=clean_env(**(extra_env or {})), cwd=tmp, preexec_fn=_pin(SERVER_CPU))
+    p = spawn_pinned(cmd, SERVER_CPU, stdout=subprocess.DEVNULL, stderr=log, env=clean_env(**(extra_env or {})), cwd=tmp)
     log.close()
     end = t0 + timeout
     while not port_file.exists():
@@ -391,8 +386,10 @@ class Baseline:
     """The bare process: grpc + numpy + onnxruntime and one session of the same file."""
 
     def __init__(self, venv: Path, model: Path, opts: dict | None = None) -> None:
-        self.p = subprocess.Popen([str(venv / "bin" / "python"), "-c", BASELINE, str(model), json.dumps(opts or {})],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=clean_env(), cwd=venv, preexec_fn=_pin(SERVER_CPU))
+        from bench.loadgen import spawn_pinned
+
+        self.p = spawn_pinned([str(venv / "bin" / "python"), "-c", BASELINE, str(model), json.dumps(opts or {})], SERVER_CPU,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=clean_env(), cwd=venv)
         self._expect("ready")
 
     def _expect(self, word: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -163,9 +164,25 @@ def _loop() -> asyncio.AbstractEventLoop:
     return _LOOP
 
 
-def pin_to(cpu: int) -> bool:
-    """Pin this process to one CPU if the machine has it; True when pinned."""
+def pin_to(cpu: int, pid: int = 0) -> bool:
+    """Pin a process (this one by default) to one CPU if the machine has it; True when pinned."""
     if hasattr(os, "sched_setaffinity") and cpu < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {cpu})
+        try:
+            os.sched_setaffinity(pid, {cpu})
+        except ProcessLookupError:
+            return False  # it has exited already: whoever waits for it will see how
         return True
     return False
+
+
+def spawn_pinned(cmd: list[str], cpu: int, **popen_kw) -> subprocess.Popen:
+    """Start `cmd` and pin it to `cpu` from here, not with a preexec_fn in the child.
+
+    A preexec_fn makes subprocess fork() instead of vfork(), and in a process where gRPC is
+    running, fork() runs gRPC's fork handlers in the child; they restart gRPC's poller there,
+    which dies on the epoll descriptor that close_fds has just closed (SIGABRT before exec:
+    "Epoll1Poller ... epoll_wait error: Bad file descriptor", grpc/grpc#43055). Pinned right
+    after the child has exec'd, before it has started any thread of its own."""
+    p = subprocess.Popen(cmd, **popen_kw)
+    pin_to(cpu, p.pid)
+    return p

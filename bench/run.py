@@ -79,20 +79,12 @@ class Proc:
         return self.popen.wait()
 
 
-def _pin(cpu: int):
-    def pre() -> None:
-        if hasattr(os, "sched_setaffinity") and cpu < (os.cpu_count() or 1):
-            os.sched_setaffinity(0, {cpu})
-
-    return pre
-
-
 def start(cmd: list[str], port_file: Path, cpu: int = SERVER_CPU, timeout: float = 60, cwd: Path | None = None) -> Proc:
     port_file.unlink(missing_ok=True)
     # stderr goes to a file, never an unread pipe: a full pipe would block the server's logging.
     log_path = port_file.with_suffix(".log")
     with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd + ["--port-file", str(port_file)], stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_pin(cpu), text=True, cwd=cwd)
+        p = loadgen.spawn_pinned(cmd + ["--port-file", str(port_file)], cpu, stdout=subprocess.DEVNULL, stderr=log, text=True, cwd=cwd)
     end = time.monotonic() + timeout
     while not port_file.exists():
         if p.poll() is not None:
@@ -368,8 +360,13 @@ def perf_analyzer(cfg: BenchConfig, tmp: Path, log) -> dict[str, Any]:
         for c in cfg.concurrency:
             cmd = pa_mod.command(binary, server.address, c, 2000, stability_percent=25)
             log(f"perf_analyzer c={c}")
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=_pin(LOADGEN_CPU), env=env)
-            out[f"c={c}"] = {"returncode": proc.returncode, "summary": _pa_summary(proc.stdout), "stderr": proc.stderr[-500:]}
+            proc = loadgen.spawn_pinned(cmd, LOADGEN_CPU, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            try:
+                stdout, stderr = proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            out[f"c={c}"] = {"returncode": proc.returncode, "summary": _pa_summary(stdout), "stderr": stderr[-500:]}
         return out
     finally:
         server.stop()
