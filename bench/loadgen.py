@@ -181,8 +181,9 @@ def spawn_pinned(cmd: list[str], cpu: int, **popen_kw) -> subprocess.Popen:
     A preexec_fn makes subprocess fork() instead of vfork(), and in a process where gRPC is
     running, fork() runs gRPC's fork handlers in the child; they restart gRPC's poller there,
     which dies on the epoll descriptor that close_fds has just closed (SIGABRT before exec:
-    "Epoll1Poller ... epoll_wait error: Bad file descriptor", grpc/grpc#43055). Pinned right
-    after the child has exec'd, before it has started any thread of its own."""
+    "Epoll1Poller ... epoll_wait error: Bad file descriptor", grpc/grpc#43055). The child is
+    pinned as soon as Popen returns (with vfork, once it has exec'd), in practice before it
+    starts threads of its own; threads it starts later inherit the pin."""
     p = subprocess.Popen(cmd, **popen_kw)
     pin_to(cpu, p.pid)
     return p
