@@ -5,8 +5,9 @@ Stages (each a server of its own, pinned to CPU 0; the load generator on CPU 1):
   floor     bench/floor.py: stock 64-thread pool, echo with identity serializers
   transport mnist-edge's handler pool (server/threads.py, 4 threads), a fixed response, no parsing
   model     + the model call on one image (fixed pixels), timed in the server; at start the
-            same process times the call in a tight loop, so the log compares a call made
-            between network work with one made right after another
+            same process times the call in a tight loop, after 300 us idle and after
+            writing 4 MB, so the log compares a call made between network work with one made
+            right after another and with the two likeliest reasons for the difference
   protobuf  + parsing the request with protobuf and writing the response from the model's output
   handler   mnist-edge's own ModelInfer (validation, batcher, statistics) on that same bare server
   server    `mnist-edge serve` with its defaults (every service, health, reflection, metrics)
@@ -31,6 +32,24 @@ STAGES = ("transport", "model", "protobuf", "handler")
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
+def call_after(runner, pixels: np.ndarray, rounds: int = 1000) -> dict[str, float]:
+    """Median microseconds of one model call made right after another ("tight"), after the core
+    sat idle for 300 us ("idle", about the gap between two requests at c=1), and after 4 MB of
+    memory were written ("memory": the caches refilled with other data); interleaved, so drift
+    hits all three alike."""
+    clock = time.perf_counter_ns
+    scratch = np.zeros(4 * 1024 * 1024, dtype=np.uint8)
+    before = {"tight": lambda: None, "idle": lambda: time.sleep(300e-6), "memory": lambda: scratch.fill(1)}
+    after: dict[str, list[int]] = {name: [] for name in before}
+    for _ in range(rounds):
+        for name, prepare in before.items():
+            prepare()
+            t0 = clock()
+            runner.run(pixels)
+            after[name].append(clock() - t0)
+    return {name: statistics.median(ns) / 1e3 for name, ns in after.items()}
+
+
 def serve(argv: list[str]) -> int:
     import grpc
 
@@ -53,12 +72,7 @@ def serve(argv: list[str]) -> int:
     canned = encode_infer_bytes("mnist", "1", "", probs, digits)
     timings = [0, 0]  # calls, ns in the model call
     clock = time.perf_counter_ns
-    loop = []
-    for _ in range(2000):
-        t0 = clock()
-        runner.run(fixed)
-        loop.append(clock() - t0)
-    in_loop_us = statistics.median(loop) / 1e3
+    loop_us = call_after(runner, fixed) if args.stage == "model" else {}
 
     def transport(request: bytes, context) -> bytes:
         return canned
@@ -96,7 +110,8 @@ def serve(argv: list[str]) -> int:
     if timings[0]:
         n = timings[0]
         print(f"model call inside the server: {timings[1] / n / 1e3:.1f} us on average ({n} requests); "
-              f"the same call in a tight loop in this process: {in_loop_us:.1f} us (median)", file=sys.stderr)
+              f"the same call in a tight loop in this process: {loop_us['tight']:.1f} us (median); "
+              f"after 300 us idle: {loop_us['idle']:.1f} us; after writing 4 MB: {loop_us['memory']:.1f} us", file=sys.stderr)
     return code
 
 

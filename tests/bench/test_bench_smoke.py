@@ -58,7 +58,7 @@ def test_anatomy_runs_small_and_reports_every_stage(tmp_path):
     for stage in ("floor", "transport", "model", "protobuf", "handler", "server"):
         rows = [line for line in text.splitlines() if line.startswith(f"| {stage} |")]
         assert len(rows) == 2 and all(row.endswith("| 0 |") for row in rows), rows  # one per level, no errors
-    assert "model call inside the server:" in text and "tight loop" in text
+    assert "model call inside the server:" in text and "tight loop" in text and "after 300 us idle" in text and "after writing 4 MB" in text
 
 
 def test_ab_compares_a_revision_with_the_working_tree_and_cleans_up(tmp_path):
