@@ -52,19 +52,41 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def checkout(variants: list[Variant], tmp: Path) -> list[Path]:
+def resolve(variants: list[Variant]) -> dict[str, str]:
+    """Each revision other than "." -> its commit; ValueError naming the variant if one is not."""
+    commits: dict[str, str] = {}
+    for v in variants:
+        if v.rev == "." or v.rev in commits:
+            continue
+        try:
+            commits[v.rev] = _git("rev-parse", "--verify", "--quiet", f"{v.rev}^{{commit}}")
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            raise ValueError(f"variant {v.name!r}: {v.rev!r} is not a commit of the git repository here "
+                             "(run from inside the repository, or use '.' for the working tree)") from None
+    return commits
+
+
+def checkout(variants: list[Variant], commits: dict[str, str], tmp: Path) -> list[Path]:
     """A detached worktree per distinct revision other than "."; returns them for removal."""
     made: dict[str, Path] = {}
-    for v in variants:
-        if v.rev == ".":
-            continue
-        if v.rev not in made:
-            commit = _git("rev-parse", "--verify", f"{v.rev}^{{commit}}")
-            path = tmp / f"rev-{commit[:12]}"
-            _git("worktree", "add", "--detach", str(path), commit)
-            made[v.rev] = path
-        v.cwd = made[v.rev]
+    try:
+        for v in variants:
+            if v.rev == ".":
+                continue
+            if v.rev not in made:
+                path = tmp / f"rev-{commits[v.rev][:12]}"
+                _git("worktree", "add", "--detach", str(path), commits[v.rev])
+                made[v.rev] = path
+            v.cwd = made[v.rev]
+    except BaseException:
+        remove(list(made.values()))
+        raise
     return list(made.values())
+
+
+def remove(trees: list[Path]) -> None:
+    for tree in trees:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=False, capture_output=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [v.name for v in args.variants]
     if len(set(names)) != len(names):
         p.error(f"variant names must differ, got {names}")
+    try:
+        commits = resolve(args.variants)
+    except ValueError as exc:
+        p.error(str(exc))
     levels = [int(c) for c in args.concurrency.split(",")]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = br.infer_payload(np.random.default_rng(0).integers(0, 256, (args.images, 28, 28), dtype=np.uint8))
     rows: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="mnist-edge-ab-") as tmp:
-        trees = checkout(args.variants, Path(tmp))
+        trees = checkout(args.variants, commits, Path(tmp))
         try:
             for r in range(args.rounds):
                 print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
@@ -111,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     finally:
                         proc.stop()
         finally:
-            for tree in trees:
-                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=False, capture_output=True)
+            remove(trees)
     text = report(args, argv if argv is not None else sys.argv[1:], levels, rows)
     (out / "ab.md").write_text(text)
     (out / "ab.json").write_text(json.dumps({f"{name} c={c}": got for (name, c), got in rows.items()}, indent=1))

@@ -86,6 +86,10 @@ def test_ab_compares_a_revision_with_the_working_tree_and_cleans_up(tmp_path):
     assert after == before  # the temporary worktree is gone
 
 
-def test_ab_refuses_a_malformed_variant():
-    proc = subprocess.run([sys.executable, "-m", "bench.ab", "no-revision-here"], capture_output=True, text=True, timeout=60, check=False)
+def test_ab_refuses_a_malformed_variant_and_an_unknown_revision_before_starting_anything():
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "bench.ab", "no-revision-here"], capture_output=True, text=True, timeout=60, check=False, cwd=root)
     assert proc.returncode == 2 and "expected NAME=REV [server flags...]" in proc.stderr
+    if (root / ".git").exists():
+        proc = subprocess.run([sys.executable, "-m", "bench.ab", "x=no-such-revision"], capture_output=True, text=True, timeout=60, check=False, cwd=root)
+        assert proc.returncode == 2 and "variant 'x': 'no-such-revision' is not a commit" in proc.stderr, proc.stderr[-2000:]
