@@ -48,6 +48,16 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, rev, words[1:])
 
 
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(c) for c in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive whole numbers separated by commas, e.g. 1,4,64")
+    return levels
+
+
 def _git(*args: str) -> str:
     return subprocess.run(["git", *args], check=True, capture_output=True, text=True).stdout.strip()
 
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=2.0, help="length of each measurement")
     p.add_argument("--max-requests", type=int, default=40000, help="cap on requests per measurement")
-    p.add_argument("--concurrency", default="1,64")
+    p.add_argument("--concurrency", type=parse_levels, default="1,64", help="closed-loop callers, e.g. 1,4,64")
     p.add_argument("--images", type=int, default=1, help="images per request")
     p.add_argument("--out", type=Path, default=Path("reports/ab"))
     args = p.parse_args(argv)
@@ -110,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         commits = resolve(args.variants)
     except ValueError as exc:
         p.error(str(exc))
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = args.concurrency
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     loadgen.pin_to(br.LOADGEN_CPU)
