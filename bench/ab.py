@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args, argv: list[str], levels: list[int], rows: dict[tuple[str, int], list[dict]]) -> str:
+    from bench.run import median_of, median_ratio
+
     first = args.variants[0].name
     lines = [f"`python -m bench.ab {' '.join(shlex.quote(a) for a in argv)}`", "",
              f"{args.rounds} interleaved rounds, {args.images} image(s) per request; medians over rounds; ratios are medians of per-round ratios.", ""]
@@ -169,20 +171,14 @@ def report(args, argv: list[str], levels: list[int], rows: dict[tuple[str, int],
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name in [FLOOR] + [v.name for v in args.variants]:
             got = rows[(name, c)]
-
-            def med(key: str, got=got) -> float:
-                return statistics.median(x[key] for x in got)
-
-            def ratio(key: str, to: list[dict], got=got) -> float:
-                return statistics.median(x[key] / f[key] for x, f in zip(got, to))
-
             batches = [x["mean_batch_size"] for x in got if x.get("mean_batch_size")]
             batch = f"{statistics.median(batches):.2f}" if batches else "-"
-            vs_first = "- | -" if name == FLOOR else f"{ratio('p50_us', base):.2f} | {ratio('throughput_rps', base):.2f}"
+            vs_first = "- | -" if name == FLOOR else f"{median_ratio(got, base, 'p50_us'):.2f} | {median_ratio(got, base, 'throughput_rps'):.2f}"
             lines.append(
-                f"| {name} | {med('p50_us'):.0f} | {med('p99_us'):.0f} | {med('throughput_rps'):,.0f} | {med('server_cpu_us_per_request'):.0f} | "
-                f"{batch} | {med('loadgen_cpu_fraction'):.0%} | {ratio('p50_us', floor):.2f} | {ratio('throughput_rps', floor):.2f} | "
-                f"{ratio('p99_us', floor):.2f} | {vs_first} | {sum(x['errors'] for x in got)} |"
+                f"| {name} | {median_of(got, 'p50_us'):.0f} | {median_of(got, 'p99_us'):.0f} | {median_of(got, 'throughput_rps'):,.0f} | "
+                f"{median_of(got, 'server_cpu_us_per_request'):.0f} | {batch} | {median_of(got, 'loadgen_cpu_fraction'):.0%} | "
+                f"{median_ratio(got, floor, 'p50_us'):.2f} | {median_ratio(got, floor, 'throughput_rps'):.2f} | {median_ratio(got, floor, 'p99_us'):.2f} | "
+                f"{vs_first} | {sum(x['errors'] for x in got)} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -163,10 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         floor = rows[("floor", c)]
         for name in servers:
             got = rows[(name, c)]
-            med = lambda k: statistics.median(x[k] for x in got)  # noqa: E731
-            ratio = lambda k: statistics.median(x[k] / f[k] for x, f in zip(got, floor))  # noqa: E731
             over = statistics.median(x["server_cpu_us_per_request"] - f["server_cpu_us_per_request"] for x, f in zip(got, floor))
-            lines.append(f"| {name} | {med('p50_us'):.0f} | {ratio('p50_us'):.2f} | {med('throughput_rps'):,.0f} | {ratio('throughput_rps'):.2f} | {med('server_cpu_us_per_request'):.0f} | {over:+.0f} | {sum(x['errors'] for x in got)} |")
+            lines.append(f"| {name} | {br.median_of(got, 'p50_us'):.0f} | {br.median_ratio(got, floor, 'p50_us'):.2f} | {br.median_of(got, 'throughput_rps'):,.0f} | "
+                         f"{br.median_ratio(got, floor, 'throughput_rps'):.2f} | {br.median_of(got, 'server_cpu_us_per_request'):.0f} | {over:+.0f} | {sum(x['errors'] for x in got)} |")
         lines.append("")
     lines += ["In the `model` stage, per round and level:", ""] + [f"- {m}" for m in sorted(model_log, key=lambda m: int(m.split(":")[0][2:]))]
     text = "\n".join(lines) + "\n"

@@ -225,6 +225,16 @@ def _median(xs: list[float]) -> float | None:
     return float(statistics.median(xs)) if xs else None
 
 
+def median_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The median over rounds of one measured figure."""
+    return _median([row[key] for row in rows])
+
+
+def median_ratio(rows: list[dict[str, Any]], base: list[dict[str, Any]], key: str) -> float | None:
+    """The median of per-round ratios of `rows` to `base` (the same rounds, in order)."""
+    return _median([row[key] / b[key] for row, b in zip(rows, base) if b[key]])
+
+
 def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
     from server import model_store
     from training import data as mnist_data
