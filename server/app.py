@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from mnist_edge import __version__
 from protos.digits.v1 import digits_pb2, digits_pb2_grpc
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from server import logs, model_store, threads, v2
+from server import lane, logs, model_store, threads, v2
 from server.core import Core, State
 from server.model_store import LoadedModel
 from server.native import DigitClassifierServicer
@@ -39,6 +39,7 @@ INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceS
 NATIVE_SERVICE = digits_pb2.DESCRIPTOR.services_by_name["DigitClassifier"].full_name
 READINESS_NAMES = ("", INFERENCE_SERVICE, NATIVE_SERVICE)
 LIVENESS_NAME = "liveness"
+MODEL_INFER = f"/{INFERENCE_SERVICE}/ModelInfer"
 
 
 def default_loader(settings: Settings, min_version: int | None = None) -> LoadedModel:
@@ -120,13 +121,15 @@ class App:
             ]
         options += extra_options or []
         interceptors = []
+        token = None
         if settings.token_file:
             from server.auth import TokenInterceptor, read_token
 
             try:
-                interceptors.append(TokenInterceptor(read_token(settings.token_file)))
+                token = TokenInterceptor(read_token(settings.token_file))
             except ValueError as exc:
                 raise BindError(str(exc)) from None
+            interceptors.append(token)
         # Unary calls on a small last-in-first-out pool; every streaming method on a pool of its
         # own, so open streams never hold the threads unary calls need (server/threads.py).
         self.pool = threads.LifoThreadPool(settings.handler_threads, thread_name_prefix="rpc")
@@ -139,6 +142,15 @@ class App:
         )
         v2_servicer = InferenceServicer(self.core, __version__)
         native_servicer = DigitClassifierServicer(self.core)
+        # ModelInfer on the inference lane (server/lane.py): one thread, no hand-offs. grpcio's
+        # private layer it uses is checked first; without it ModelInfer stays on the pool.
+        self.lane: lane.Lane | None = None
+        if settings.infer_lane:
+            if lane.supported(self.server):
+                self.lane = lane.Lane(self.server, {MODEL_INFER: v2_servicer.model_infer_group}, token.refusal if token else None)
+            else:
+                logs.event("lane_unavailable", "this grpcio lacks what the inference lane needs: ModelInfer is served from the handler threads", logging.WARNING)
+        on_lane = frozenset(self.lane.methods if self.lane else ())
         registrations = [
             (lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(v2_servicer, s), {"ModelInfer": v2.model_infer_handler(v2_servicer)}),
             (lambda s: digits_pb2_grpc.add_DigitClassifierServicer_to_server(native_servicer, s), None),
@@ -150,7 +162,7 @@ class App:
             registrations.append((lambda s: reflection.enable_server_reflection(names, s), None))
             self.service_names = names
         for add, replace in registrations:
-            threads.register(add, self.server, self.stream_pool, replace)
+            threads.register(add, self.server, self.stream_pool, replace, on_lane)
         self.address = self._bind(settings.address)
         self.health_server: grpc.Server | None = None
         self.health_address: str | None = None
@@ -214,6 +226,8 @@ class App:
             except OSError as exc:
                 raise BindError(f"could not serve metrics on {self.settings.metrics_address} (--metrics-address): {exc}") from None
         self.server.start()
+        if self.lane is not None:
+            self.lane.start()
         if self.health_server is not None:
             self.health_server.start()
         if self.settings.port_file:
@@ -304,7 +318,9 @@ class App:
                 self.reload("manifest changed")
 
     def _stop_pools(self) -> None:
-        """Once gRPC has stopped, nothing more comes to the handler pools: let their threads end."""
+        """Once gRPC has stopped, nothing more comes to the lane and the handler pools: let their threads end."""
+        if self.lane is not None:
+            self.lane.stop()
         self.pool.shutdown(wait=False)
         self.stream_pool.shutdown(wait=False)
 

@@ -41,18 +41,23 @@ class TokenInterceptor(grpc.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(abort)
         return grpc.unary_unary_rpc_method_handler(abort)
 
-    def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(EXEMPT_PREFIX):
-            return continuation(handler_call_details)
+    def refusal(self, metadata) -> str | None:
+        """None when `metadata` carries the token; otherwise why the call is refused."""
         presented = b""
-        for key, value in handler_call_details.invocation_metadata or ():
+        for key, value in metadata or ():
             if key == "authorization":
                 presented = value.encode() if isinstance(value, str) else value
                 break
         # Case-insensitive scheme, constant-time comparison of the whole header value.
         candidate = presented[:7].lower() + presented[7:]
         if hmac.compare_digest(candidate, self._expected):
+            return None
+        return "missing authorization metadata (expected 'authorization: Bearer <token>')" if not presented else "wrong bearer token"
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(EXEMPT_PREFIX):
             return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        reason = "missing authorization metadata (expected 'authorization: Bearer <token>')" if not presented else "wrong bearer token"
-        return self._deny(handler, reason)
+        reason = self.refusal(handler_call_details.invocation_metadata)
+        if reason is None:
+            return continuation(handler_call_details)
+        return self._deny(continuation(handler_call_details), reason)

@@ -80,6 +80,12 @@ class BatchStats:
         return self.images / self.batches if self.batches else 0.0
 
 
+def _full(waiting: int, adding: int, limit: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"server queue is full: {waiting} images waiting, this request adds {adding}, limit {limit} (--max-queue); retry later"
+    )
+
+
 class Batcher:
     def __init__(
         self,
@@ -121,20 +127,20 @@ class Batcher:
         pixels: np.ndarray,
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
+        *,
+        requests: int = 1,
     ) -> Result:
         """Run `pixels` (uint8 [N,28,28]) through the model, batched with concurrent callers.
 
-        `deadline` is on this batcher's clock (time.monotonic by default).
+        `deadline` is on this batcher's clock (time.monotonic by default). `requests` is how
+        many requests `pixels` carries, for the statistics (`infer_group` passes several).
         """
         n = int(pixels.shape[0])
         with self._lock:
             if self._queued_images + n > self.max_queue:
                 self.stats.rejected_full += 1
-                raise ResourceExhausted(
-                    f"server queue is full: {self._queued_images} images waiting, this request adds {n}, "
-                    f"limit {self.max_queue} (--max-queue); retry later"
-                )
-            self.stats.requests += 1
+                raise _full(self._queued_images, n, self.max_queue)
+            self.stats.requests += requests
             if not self._busy and self.max_queue_delay_s == 0:
                 # Idle: run at once, in this thread, with nothing queued behind us yet.
                 self._busy = True
@@ -162,6 +168,65 @@ class Batcher:
             raise p.error
         assert p.result is not None
         return p.result
+
+    def infer_group(self, group: list[tuple[np.ndarray, float | None, float]], deliver: Callable[[int, Result | BaseException], None]) -> None:
+        """Several requests that arrived together, from one thread (the inference lane).
+
+        `group` holds (pixels, deadline, arrived) per request, on this batcher's clock.
+        `deliver(i, result_or_error)` is called once per request (refusals first, then batch
+        by batch) as soon as its answer is known. Requests are cut into consecutive batches of at most
+        `max_batch_size` images (a larger request runs alone); what would overflow
+        `max_queue` (counting this group's later batches as queued) is refused at once with
+        RESOURCE_EXHAUSTED, before anything runs; a request whose deadline has passed when
+        its batch is about to start is dropped with DEADLINE_EXCEEDED, never computed.
+        """
+        limit = self.max_batch_size
+        batches: list[list[int]] = []
+        refused: list[tuple[int, ResourceExhausted]] = []
+        images = filled = 0  # this group's images accepted, and those in the last batch
+        with self._lock:
+            waiting = self._queued_images
+            for i, (pixels, _, _) in enumerate(group):
+                n = int(pixels.shape[0])
+                if waiting + images + n > self.max_queue:
+                    self.stats.rejected_full += 1
+                    refused.append((i, _full(waiting + images, n, self.max_queue)))
+                    continue
+                images += n
+                if batches and filled + n <= limit:
+                    batches[-1].append(i)
+                    filled += n
+                else:  # a new batch; a request over the limit fills one alone
+                    batches.append([i])
+                    filled = n
+        for i, error in refused:
+            deliver(i, error)
+        clock = self._clock
+        for members in batches:
+            now = clock()
+            live = []
+            for i in members:
+                deadline = group[i][1]
+                if deadline is not None and now >= deadline:
+                    with self._lock:
+                        self.stats.expired += 1
+                    deliver(i, DeadlineExceeded(f"deadline passed after {now - group[i][2]:.3f}s in the queue; the request was dropped before compute"))
+                else:
+                    live.append(i)
+            if not live:
+                continue
+            x = group[live[0]][0] if len(live) == 1 else np.concatenate([group[i][0] for i in live])
+            try:
+                r = self.infer(x, requests=len(live))
+            except BaseException as exc:  # noqa: BLE001 - every request of the batch gets the error
+                for i in live:
+                    deliver(i, exc)
+                continue
+            offset = 0
+            for i in live:
+                n = int(group[i][0].shape[0])
+                deliver(i, Result(r.probabilities[offset : offset + n], r.digits[offset : offset + n], r.tag, now - group[i][2] + r.queue_s, r.compute_s))
+                offset += n
 
     def _run_alone(self, pixels: np.ndarray) -> Result:
         """The idle fast path: one request, no queue, no hand-off; one lock round at the end."""

@@ -57,10 +57,15 @@ def abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> Non
     Aborting sends a trailers-only response, with no message: only then does a client's
     retry policy treat the call as not committed and retry UNAVAILABLE on another replica.
     """
+    context.abort(*status_and_message(exc, method))
+
+
+def status_and_message(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status and message a client gets for `exc`; an unexpected error is logged here."""
     if isinstance(exc, ServingError):
-        context.abort(exc.code, exc.message)
+        return exc.code, exc.message
     log.error("unexpected error in %s", method, exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}; the server logged the traceback")
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}; the server logged the traceback"
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:

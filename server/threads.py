@@ -166,10 +166,13 @@ def register(
     server: grpc.Server,
     stream_pool: futures.ThreadPoolExecutor,
     replace: dict[str, grpc.RpcMethodHandler] | None = None,
+    elsewhere: frozenset[str] = frozenset(),
 ) -> list[str]:
     """Call `add(fake_server)` (a generated `add_..._to_server` bound to its servicer), move
     every streaming method onto `stream_pool`, swap in the handlers of `replace` (by method
-    name), and register the result on `server`. Returns the services registered."""
+    name), and register the result on `server`. Methods in `elsewhere` (full names, served by
+    the inference lane) are left out of grpcio's registered methods, so gRPC core hands their
+    calls to the lane alone. Returns the services registered."""
     collect = _Collect()
     add(collect)  # type: ignore[arg-type]
     names = []
@@ -181,6 +184,6 @@ def register(
                 handler = handler._replace(**{field: _on_pool(getattr(handler, field), stream_pool)})
             handlers[method] = handler
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-        server.add_registered_method_handlers(service, handlers)
+        server.add_registered_method_handlers(service, {m: h for m, h in handlers.items() if f"/{service}/{m}" not in elsewhere})
         names.append(service)
     return names

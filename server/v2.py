@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 from server.core import Core
-from server.errors import InvalidArgument, NotFound, abort, grpc_errors, status_of
+from server.errors import InvalidArgument, NotFound, abort, grpc_errors, status_and_message, status_of
 
 INPUT = "pixels"
 OUTPUT_NAMES = ("probabilities", "digit")
@@ -370,6 +371,57 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.core.stats.record_request("v2", status_of(exc).name, now() - t0)
             abort(context, exc, "ModelInfer")
             return pb.ModelInferResponse()  # not reached: abort raises
+    def model_infer_group(self, calls, lane) -> None:
+        """ModelInfer for calls that arrived together on the inference lane (server/lane.py):
+        each request decoded and checked on its own, the valid ones run as batches by the
+        batcher, every call answered (or refused) as soon as its batch ends."""
+        now = time.perf_counter_ns
+        core = self.core
+        stats = core.stats
+        max_images = core.settings.max_request_images
+        group: list[tuple[np.ndarray, float | None, float]] = []
+        owners: list[tuple[object, DecodedRequest, int, int]] = []
+        for c in calls:
+            t0 = now()
+            try:
+                request = pb.ModelInferRequest.FromString(c.message)
+            except DecodeError as exc:
+                stats.record_request("v2", "INVALID_ARGUMENT", now() - t0, model_level=False)
+                lane.fail(c, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid inference.ModelInferRequest message: {exc}")
+                continue
+            try:
+                core.check_model(request.model_name, request.model_version)
+            except Exception as exc:  # noqa: BLE001 - not a request for our model: not in its statistics
+                stats.record_request("v2", status_of(exc).name, now() - t0, model_level=False)
+                lane.fail(c, *status_and_message(exc, "ModelInfer"))
+                continue
+            try:
+                decoded = decode_infer(request, max_images)
+            except Exception as exc:  # noqa: BLE001 - mapped to a status here
+                stats.record_request("v2", status_of(exc).name, now() - t0)
+                lane.fail(c, *status_and_message(exc, "ModelInfer"))
+                continue
+            group.append((decoded.pixels, c.deadline, c.arrived))
+            owners.append((c, decoded, t0, now()))
+
+        def deliver(i: int, result) -> None:
+            c, decoded, t0, t1 = owners[i]
+            if isinstance(result, BaseException):
+                stats.record_request("v2", status_of(result).name, now() - t0)
+                lane.fail(c, *status_and_message(result, "ModelInfer"))
+                return
+            t2 = now()
+            model = result.tag
+            if decoded.outputs is OUTPUT_NAMES:
+                body = encode_infer_bytes(model.name, model.version, decoded.request_id, result.probabilities, result.digits)
+            else:
+                body = encode_infer(model.name, model.version, decoded, result.probabilities, result.digits).SerializeToString()
+            t3 = now()
+            stats.record_ok("v2", t3 - t0, t1 - t0, t3 - t2, int(result.queue_s * 1e9), int(result.compute_s * 1e9))
+            lane.reply(c, body)
+
+        if group:
+            core.batcher.infer_group(group, deliver)
 
     @grpc_errors(pb.ModelStatisticsResponse)
     def ModelStatistics(self, request, context):
@@ -379,7 +431,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name:
             self.core.check_model(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(self.core.stats, model.name, model.version)])
-
 
 
 def model_infer_handler(servicer: InferenceServicer) -> grpc.RpcMethodHandler:

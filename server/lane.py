@@ -1,0 +1,218 @@
+"""The inference lane: ModelInfer served straight from gRPC's completion queue, on one thread.
+
+grpcio's sync server moves every unary call between two threads twice: its polling thread
+takes the call from gRPC core and hands it to a pool thread, which asks for the request
+message and sleeps until the polling thread has it. On a one-core device each hand-off is a
+thread wake-up, and together they cost more than the model (README "Speed"). The lane asks
+gRPC core for the calls of its methods on a completion queue of its own, registered on the
+same server (so the same port, TLS, message limits, keepalive and shutdown), and one thread
+does all of it: takes the call, reads the message, runs the model, sends the answer.
+
+Everything that is ready when the thread looks (one pass over the queue) is answered as one
+group: the handler decodes each request, and the batcher runs the valid ones together
+(`Batcher.infer_group`: batches of at most --max-batch-size images, --max-queue counted,
+expired deadlines dropped before compute). At concurrency 1 that is a batch of one with no
+hand-off at all; under load, the requests that arrived while a batch ran form the next.
+While the thread runs a batch, new calls wait in gRPC core, unread, for at most that batch.
+
+The lane talks to grpcio's Cython layer (`grpc._cython.cygrpc`), the layer grpcio's own
+servers are built on; `supported()` checks that this grpcio has what the lane uses, and the
+server serves ModelInfer from its thread pool when it does not (or with --no-infer-lane).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import grpc
+
+log = logging.getLogger("mnist_edge.server")
+
+try:
+    from grpc._cython import cygrpc
+except ImportError:  # pragma: no cover - every grpcio wheel has it
+    cygrpc = None
+
+_RECEIVING, _ANSWERING = 0, 1
+_NO_DEADLINE = 1e15  # gRPC core reports "no deadline" as ~9.2e18 seconds since the epoch
+_POLL_S = 0.5  # how often an idle lane looks at its stop flag
+_EMPTY = ()
+
+
+def supported(server: grpc.Server) -> bool:
+    """True when `server` (from grpc.server, not started) and this grpcio have what the lane uses."""
+    if cygrpc is None:
+        return False
+    cy = getattr(server, "_cy_server", None)
+    needed = ("register_completion_queue", "register_method", "request_registered_call")
+    ops = ("CompletionQueue", "ReceiveMessageOperation", "SendInitialMetadataOperation", "SendMessageOperation",
+           "SendStatusFromServerOperation", "ReceiveCloseOnServerOperation", "CompletionType", "StatusCode")
+    return cy is not None and all(hasattr(cy, n) for n in needed) and all(hasattr(cygrpc, n) for n in ops)
+
+
+class LaneCall:
+    """One call on the lane: what a handler reads (`message`, `deadline`, `arrived`) and answers."""
+
+    __slots__ = ("call", "method", "deadline", "arrived", "message", "stage")
+
+    def __init__(self, call, method: "_Method", deadline: float | None, arrived: float) -> None:
+        self.call = call
+        self.method = method
+        self.deadline = deadline  # time.monotonic() seconds, or None
+        self.arrived = arrived  # time.monotonic() when the call was taken
+        self.message: bytes = b""
+        self.stage = _RECEIVING
+
+
+# A handler answers a group of calls of its method: it must call reply() or fail() once per call.
+Handler = Callable[[list[LaneCall], "Lane"], None]
+
+
+class _Method:
+    __slots__ = ("name", "handler", "open")
+
+    def __init__(self, name: str, handler: Handler) -> None:
+        self.name = name
+        self.handler = handler
+        self.open = True
+
+
+class Lane:
+    """Serve `handlers` ({"/package.Service/Method": handler}) of `server` on one thread.
+
+    Build it after grpc.server() and before server.start() (gRPC core takes method and queue
+    registrations only then); call start() after server.start(), and stop() once the server
+    has stopped. `authorize(metadata)` returns None to admit a call, or the reason to refuse
+    it with UNAUTHENTICATED.
+    """
+
+    def __init__(self, server: grpc.Server, handlers: dict[str, Handler], authorize: Callable[[tuple], str | None] | None = None) -> None:
+        if not supported(server):
+            raise RuntimeError("this grpcio does not offer what the inference lane needs")
+        self._cy = server._cy_server  # noqa: SLF001 - checked by supported()
+        self._cq = cygrpc.CompletionQueue()
+        self._cy.register_completion_queue(self._cq)
+        self._methods = [_Method(name, handler) for name, handler in handlers.items()]
+        for m in self._methods:
+            self._cy.register_method(m.name)
+        self._authorize = authorize
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.groups = 0  # groups answered, and calls in them: their ratio is the mean group size
+        self.calls = 0
+
+    @property
+    def methods(self) -> list[str]:
+        return [m.name for m in self._methods]
+
+    def start(self) -> None:
+        for m in self._methods:
+            self._cy.request_registered_call(self._cq, self._cq, m.name, m)
+        self._thread = threading.Thread(target=self._loop, name="infer-lane", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- answering (handlers call these) ---------------------------------------------------
+    def reply(self, c: LaneCall, body: bytes) -> None:
+        """Answer OK with the serialized response `body`."""
+        c.stage = _ANSWERING
+        c.call.start_server_batch(
+            (
+                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
+                cygrpc.SendMessageOperation(body, 0),
+                cygrpc.SendStatusFromServerOperation(_EMPTY, cygrpc.StatusCode.ok, b"", 0),
+                cygrpc.ReceiveCloseOnServerOperation(0),
+            ),
+            c,
+        )
+
+    def fail(self, c: LaneCall, code: grpc.StatusCode, details: str) -> None:
+        """End the call with `code`: a trailers-only response, no message (as grpcio's abort)."""
+        c.stage = _ANSWERING
+        c.call.start_server_batch(
+            (
+                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
+                cygrpc.SendStatusFromServerOperation(_EMPTY, code.value[0], details.encode("utf-8", "replace"), 0),
+                cygrpc.ReceiveCloseOnServerOperation(0),
+            ),
+            c,
+        )
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        poll = self._cq.poll
+        timeout = cygrpc.CompletionType.queue_timeout
+        shutdown = cygrpc.CompletionType.queue_shutdown
+        complete = cygrpc.CompletionType.operation_complete
+        while True:
+            event = poll(time.time() + _POLL_S)
+            kind = event.completion_type
+            if kind == timeout:
+                if self._stopping:
+                    return
+                continue
+            if kind == shutdown:
+                return
+            ready: list[LaneCall] = []
+            while True:
+                try:
+                    self._take(event, ready)
+                except Exception:  # noqa: BLE001 - one bad event must not end the lane
+                    log.exception("inference lane: unexpected error handling a gRPC event")
+                event = poll(0)  # everything else that is ready now joins this group
+                if event.completion_type != complete:
+                    break
+            if ready:
+                self._answer(ready)
+
+    def _take(self, event, ready: list[LaneCall]) -> None:
+        tag = event.tag
+        if type(tag) is _Method:
+            if not event.success:  # the server is shutting down: no more calls for this method
+                tag.open = False
+                return
+            self._cy.request_registered_call(self._cq, self._cq, tag.name, tag)
+            now = time.monotonic()
+            d = event.call_details.deadline
+            c = LaneCall(event.call, tag, None if d > _NO_DEADLINE else now + (d - time.time()), now)
+            if self._authorize is not None:
+                reason = self._authorize(event.invocation_metadata)
+                if reason is not None:
+                    self.fail(c, grpc.StatusCode.UNAUTHENTICATED, reason)
+                    return
+            c.call.start_server_batch((cygrpc.ReceiveMessageOperation(0),), c)
+        elif tag.stage == _RECEIVING:
+            if not event.success:
+                return  # cancelled or broken before the message came: nothing to answer
+            message = event.batch_operations[0].message()
+            if message is None:
+                self.fail(tag, grpc.StatusCode.UNIMPLEMENTED, f"{tag.method.name} requires exactly one request message")
+                return
+            tag.message = message
+            ready.append(tag)
+        # _ANSWERING: the answer went out (or the call ended); dropping the tag frees the call.
+
+    def _answer(self, ready: list[LaneCall]) -> None:
+        self.groups += 1
+        self.calls += len(ready)
+        if len(self._methods) == 1:
+            groups = {self._methods[0]: ready}
+        else:
+            groups = {}
+            for c in ready:
+                groups.setdefault(c.method, []).append(c)
+        for method, calls in groups.items():
+            try:
+                method.handler(calls, self)
+            except Exception as exc:  # noqa: BLE001 - a handler bug: the calls it left get INTERNAL
+                log.error("unexpected error in %s", method.name, exc_info=exc)
+                for c in calls:
+                    if c.stage == _RECEIVING:
+                        self.fail(c, grpc.StatusCode.INTERNAL, f"internal error in {method.name.rsplit('/', 1)[-1]}: {type(exc).__name__}; the server logged the traceback")
