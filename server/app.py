@@ -147,7 +147,7 @@ class App:
         self.lane: lane.Lane | None = None
         if settings.infer_lane:
             if lane.supported(self.server):
-                self.lane = lane.Lane(self.server, {MODEL_INFER: v2_servicer.model_infer_group}, token.refusal if token else None)
+                self.lane = lane.Lane(self.server, {MODEL_INFER: v2_servicer.model_infer_group}, token.refusal if token else None, settings.max_concurrent_rpcs)
             else:
                 logs.event("lane_unavailable", "this grpcio lacks what the inference lane needs: ModelInfer is served from the handler threads", logging.WARNING)
         on_lane = frozenset(self.lane.methods if self.lane else ())

@@ -89,7 +89,13 @@ class Lane:
     it with UNAUTHENTICATED.
     """
 
-    def __init__(self, server: grpc.Server, handlers: dict[str, Handler], authorize: Callable[[tuple], str | None] | None = None) -> None:
+    def __init__(
+        self,
+        server: grpc.Server,
+        handlers: dict[str, Handler],
+        authorize: Callable[[tuple], str | None] | None = None,
+        max_calls: int = 1024,
+    ) -> None:
         if not supported(server):
             raise RuntimeError("this grpcio does not offer what the inference lane needs")
         self._cy = server._cy_server  # noqa: SLF001 - checked by supported()
@@ -99,6 +105,11 @@ class Lane:
         for m in self._methods:
             self._cy.register_method(m.name)
         self._authorize = authorize
+        # Each method keeps `max_calls` requests for calls open in gRPC core, and a slot is asked
+        # for again only when its call has ended: at most that many calls per method are taken
+        # at once (more wait in gRPC core), and every call taken is one the server has accepted,
+        # which a graceful shutdown lets finish (gRPC core refuses the ones no slot took).
+        self._slots = max_calls
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.groups = 0  # groups answered, and calls in them: their ratio is the mean group size
@@ -110,7 +121,8 @@ class Lane:
 
     def start(self) -> None:
         for m in self._methods:
-            self._cy.request_registered_call(self._cq, self._cq, m.name, m)
+            for _ in range(self._slots):
+                self._cy.request_registered_call(self._cq, self._cq, m.name, m)
         self._thread = threading.Thread(target=self._loop, name="infer-lane", daemon=True)
         self._thread.start()
 
@@ -178,7 +190,6 @@ class Lane:
             if not event.success:  # the server is shutting down: no more calls for this method
                 tag.open = False
                 return
-            self._cy.request_registered_call(self._cq, self._cq, tag.name, tag)
             now = time.monotonic()
             d = event.call_details.deadline
             c = LaneCall(event.call, tag, None if d > _NO_DEADLINE else now + (d - time.time()), now)
@@ -189,15 +200,24 @@ class Lane:
                     return
             c.call.start_server_batch((cygrpc.ReceiveMessageOperation(0),), c)
         elif tag.stage == _RECEIVING:
-            if not event.success:
-                return  # cancelled or broken before the message came: nothing to answer
+            if not event.success:  # cancelled or broken before the message came: nothing to answer
+                self._release(tag)
+                return
             message = event.batch_operations[0].message()
             if message is None:
                 self.fail(tag, grpc.StatusCode.UNIMPLEMENTED, f"{tag.method.name} requires exactly one request message")
                 return
             tag.message = message
             ready.append(tag)
-        # _ANSWERING: the answer went out (or the call ended); dropping the tag frees the call.
+        else:  # _ANSWERING: the answer went out (or the call ended); dropping the tag frees the call
+            self._release(tag)
+
+    def _release(self, c: LaneCall) -> None:
+        """The call has ended: its slot asks gRPC core for the next call of its method."""
+        c.call = None
+        m = c.method
+        if m.open and not self._stopping:
+            self._cy.request_registered_call(self._cq, self._cq, m.name, m)
 
     def _answer(self, ready: list[LaneCall]) -> None:
         self.groups += 1
@@ -209,10 +229,12 @@ class Lane:
             for c in ready:
                 groups.setdefault(c.method, []).append(c)
         for method, calls in groups.items():
+            error = "it answered none"
             try:
                 method.handler(calls, self)
             except Exception as exc:  # noqa: BLE001 - a handler bug: the calls it left get INTERNAL
                 log.error("unexpected error in %s", method.name, exc_info=exc)
-                for c in calls:
-                    if c.stage == _RECEIVING:
-                        self.fail(c, grpc.StatusCode.INTERNAL, f"internal error in {method.name.rsplit('/', 1)[-1]}: {type(exc).__name__}; the server logged the traceback")
+                error = type(exc).__name__
+            for c in calls:  # every call is answered, whatever the handler did
+                if c.stage == _RECEIVING:
+                    self.fail(c, grpc.StatusCode.INTERNAL, f"internal error in {method.name.rsplit('/', 1)[-1]}: {error}; the server logged the traceback")

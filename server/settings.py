@@ -53,7 +53,7 @@ class Settings:
     infer_lane: bool = _opt(True, "serve ModelInfer on one thread straight from gRPC's completion queue (no thread hand-offs; requests ready together run as one batch); off: on the handler threads")
     handler_threads: int = _opt(4, "threads for unary calls (most recently idle first; more calls wait in line, none is refused); threads start on demand")
     stream_threads: int = _opt(64, "threads for streams: streams open at once (each open stream holds one; more wait for one to close)")
-    max_concurrent_rpcs: int = _opt(1024, "calls accepted at once; more get RESOURCE_EXHAUSTED from gRPC")
+    max_concurrent_rpcs: int = _opt(1024, "calls accepted at once; more get RESOURCE_EXHAUSTED from gRPC (ModelInfer on the inference lane: more wait in gRPC core)")
     log_format: str = _opt("json", "log line format: json or text", choices=("json", "text"))
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 

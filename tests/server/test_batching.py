@@ -187,3 +187,67 @@ def test_a_far_deadline_while_queued_neither_overflows_nor_expires():
         assert first.result(10)[1].tolist() == [1]
         assert [f.result(10)[1].tolist() for f in far] == [[2], [3]]
     assert b.stats.expired == 0
+
+
+# -- groups: several requests handed over at once by one thread (the inference lane) -----------
+def _group(*specs, deadline=None, now=None):
+    """(value, n) pairs -> infer_group's items."""
+    now = time.monotonic() if now is None else now
+    return [(image(v, n), deadline, now) for v, n in specs]
+
+
+def test_a_group_runs_in_batches_of_at_most_max_batch_size_and_each_request_gets_its_own_rows():
+    model = FakeModel()
+    b = Batcher(model, max_batch_size=4)
+    got = {}
+    b.infer_group(_group((1, 1), (2, 2), (3, 1), (4, 2), (5, 9), (6, 1)), lambda i, r: got.setdefault(i, r))
+    # 1+2+1 fill a batch; 4 starts the next; 9 > 4 runs alone, whole; 6 starts another.
+    assert model.batches == [[1, 2, 2, 3], [4, 4], [5] * 9, [6]]
+    assert {i: r.digits.tolist() for i, r in got.items()} == {0: [1], 1: [2, 2], 2: [3], 3: [4, 4], 4: [5] * 9, 5: [6]}
+    assert b.stats.requests == 6 and b.stats.batches == 4
+
+
+def test_what_would_overflow_the_queue_is_refused_before_anything_runs():
+    model = FakeModel()
+    b = Batcher(model, max_batch_size=4, max_queue=10)
+    seen = []
+
+    def deliver(i, r):
+        seen.append((i, type(r).__name__, len(model.batches)))
+
+    b.infer_group(_group((1, 4), (2, 4), (3, 4), (4, 2)), deliver)
+    # 4+4 fit, the third 4 would make 12 > 10: refused at once, before the first batch ran;
+    # the 2 after it still fits (4+4+2 = 10).
+    assert seen[0] == (2, "ResourceExhausted", 0)
+    assert sorted(i for i, kind, _ in seen if kind == "Result") == [0, 1, 3]
+    assert all(3 not in batch for batch in model.batches)
+    assert b.stats.rejected_full == 1
+
+
+def test_an_expired_request_in_a_group_is_never_computed_and_the_rest_are():
+    model = FakeModel()
+    b = Batcher(model, max_batch_size=8)
+    past = time.monotonic() - 1
+    group = _group((1, 1), (2, 1)) + [(image(99), past, past - 1)] + _group((3, 1))
+    got = {}
+    b.infer_group(group, lambda i, r: got.setdefault(i, r))
+    assert isinstance(got[2], DeadlineExceeded) and "dropped before compute" in str(got[2])
+    assert model.batches == [[1, 2, 3]]
+    assert [got[i].digits.tolist() for i in (0, 1, 3)] == [[1], [2], [3]]
+    assert b.stats.expired == 1
+
+
+def test_a_model_error_reaches_every_request_of_its_batch_and_the_next_batch_still_runs():
+    calls = []
+
+    def run(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return np.zeros((len(pixels), 10), np.float32), pixels[:, 0, 0].astype(np.int64)
+
+    b = Batcher(run, max_batch_size=2)
+    got = {}
+    b.infer_group(_group((1, 1), (2, 1), (3, 1)), lambda i, r: got.setdefault(i, r))
+    assert isinstance(got[0], RuntimeError) and isinstance(got[1], RuntimeError)
+    assert got[2].digits.tolist() == [3]

@@ -58,6 +58,10 @@ def test_unary_and_stream_calls_without_deadline_wait_in_the_queue_and_succeed(m
         resp = stub.ModelInfer(req)  # no timeout: no deadline
         return int(np.frombuffer(resp.raw_output_contents[1], "<i8")[0])
 
+    def classify(i: int) -> int:
+        resp = native.Classify(dpb.ClassifyRequest(images=[dpb.Image(pixels=images[i].tobytes())]))  # no timeout
+        return resp.predictions[0].digit
+
     def stream(i: int) -> list:
         reqs = iter([dpb.ClassifyRequest(images=[dpb.Image(pixels=images[i].tobytes())], request_id=str(i))])
         return list(native.ClassifyStream(reqs))  # no timeout
@@ -66,7 +70,9 @@ def test_unary_and_stream_calls_without_deadline_wait_in_the_queue_and_succeed(m
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
         native = dpb_grpc.DigitClassifierStub(ch)
         with futures.ThreadPoolExecutor(3) as pool:
-            first = pool.submit(infer, 0)
+            # The held batch is a native call on a handler thread, so the ModelInfer below (on
+            # the inference lane) finds the batcher busy and waits in its queue.
+            first = pool.submit(classify, 0)
             assert first_running.wait(10)
             queued_unary = pool.submit(infer, 1)
             queued_stream = pool.submit(stream, 2)

@@ -45,6 +45,7 @@ SAMPLES: dict[str, tuple[str, object, str, object]] = {
     "health_address": ("0.0.0.0:8081", "0.0.0.0:8081", "127.0.0.1:8082", "127.0.0.1:8082"),
     "metrics_address": ("0.0.0.0:9100", "0.0.0.0:9100", "127.0.0.1:9200", "127.0.0.1:9200"),
     "intra_op_threads": ("2", 2, "3", 3),
+    "infer_lane": ("0", False, "--infer-lane", True),
     "handler_threads": ("9", 9, "11", 11),
     "stream_threads": ("7", 7, "13", 13),
     "max_concurrent_rpcs": ("77", 77, "88", 88),

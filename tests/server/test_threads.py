@@ -144,14 +144,16 @@ def test_open_streams_never_take_the_threads_of_unary_calls(mnist):
             while stream_threads() < 3 and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert stream_threads() >= 3  # every stream holds a thread of the stream pool
-            for _ in range(5):
-                req = pb.ModelInferRequest(
-                    model_name="mnist",
-                    inputs=[pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 28, 28])],
-                    raw_input_contents=[image.tobytes()],
-                )
-                assert len(v2.ModelInfer(req, timeout=10).raw_output_contents) == 2
+            for _ in range(5):  # a unary method on the handler threads (ModelInfer is on the lane)
+                one = dpb.ClassifyRequest(images=[dpb.Image(pixels=image.tobytes())])
+                assert len(native.Classify(one, timeout=10).predictions) == 1
             assert app.pool.threads == 1
+            req = pb.ModelInferRequest(
+                model_name="mnist",
+                inputs=[pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 28, 28])],
+                raw_input_contents=[image.tobytes()],
+            )
+            assert len(v2.ModelInfer(req, timeout=10).raw_output_contents) == 2
             for q, stream in zip(feeds, streams):
                 q.put(dpb.ClassifyRequest(images=[dpb.Image(pixels=image.tobytes())]))
                 assert len(next(stream).predictions) == 1
@@ -189,12 +191,8 @@ def test_handler_threads_end_when_the_server_stops(mnist):
     image = mnist.test.images[0]
     with running_server() as app:
         with grpc.insecure_channel(app.address) as channel:
-            req = pb.ModelInferRequest(
-                model_name="mnist",
-                inputs=[pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 28, 28])],
-                raw_input_contents=[image.tobytes()],
-            )
-            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=10)
+            one = dpb.ClassifyRequest(images=[dpb.Image(pixels=image.tobytes())])
+            dpb_grpc.DigitClassifierStub(channel).Classify(one, timeout=10)  # on the handler threads
         threads = list(app.pool._lifo_threads)
         assert threads
         app.shutdown("test")

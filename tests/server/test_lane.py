@@ -1,0 +1,242 @@
+"""The inference lane (server/lane.py): ModelInfer served from gRPC's completion queue on one thread.
+
+The model is wrapped in a gate that records every batch it runs (pixel [0,0] of each image
+is the caller's mark) and can be held, so a test can keep the lane busy while other calls
+arrive and then see what they were grouped into.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from helpers.servers import ort_reference, running_server, wait_for
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from server import lane, v2
+from server.core import State
+
+Tensor = pb.ModelInferRequest.InferInputTensor
+ARRIVE_S = 0.5  # time given to calls sent while the lane is held to reach the server (ordering, not a timing check)
+
+
+class Gate:
+    def __init__(self, run) -> None:
+        self.run = run
+        self.open = threading.Event()
+        self.open.set()
+        self.entered = threading.Event()
+        self.batches: list[list[int]] = []
+        self.threads: list[str] = []
+
+    def __call__(self, pixels: np.ndarray):
+        self.batches.append(pixels[:, 0, 0].astype(int).tolist())
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        self.open.wait(30)
+        return self.run(pixels)
+
+
+def gate(app) -> Gate:
+    g = Gate(app.core.model.runner.run)
+    app.core.batcher.set_runner(g, app.core.model)
+    return g
+
+
+def marked(mnist, marks) -> np.ndarray:
+    images = mnist.test.images[: len(marks)].copy()
+    images[:, 0, 0] = marks
+    return images
+
+
+def request(images: np.ndarray) -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(
+        model_name="mnist", inputs=[Tensor(name="pixels", datatype="UINT8", shape=[len(images), 28, 28])], raw_input_contents=[images.tobytes()]
+    )
+
+
+def digits(resp: pb.ModelInferResponse) -> list[int]:
+    i = [t.name for t in resp.outputs].index("digit")
+    return np.frombuffer(resp.raw_output_contents[i], "<i8").tolist()
+
+
+def stub(address: str):
+    ch = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+    return ch, pb_grpc.GRPCInferenceServiceStub(ch)
+
+
+def test_model_infer_runs_on_the_lane_thread(mnist):
+    with running_server() as app:
+        assert app.lane is not None and app.lane.methods == ["/inference.GRPCInferenceService/ModelInfer"]
+        g = gate(app)
+        ch, s = stub(app.address)
+        with ch:
+            images = mnist.test.images[:3]
+            _, ref = ort_reference(app.core.model.file, images)
+            assert digits(s.ModelInfer(request(images), timeout=10)) == ref.tolist()
+        assert g.threads == ["infer-lane"]
+        assert app.lane.calls == 1
+
+
+def test_calls_that_arrive_while_a_batch_runs_are_answered_as_one_group_each_with_its_own_answer(mnist):
+    with running_server() as app:
+        g = gate(app)
+        images = marked(mnist, np.arange(1, 13))
+        _, ref = ort_reference(app.core.model.file, images)
+        g.open.clear()
+        with futures.ThreadPoolExecutor(12) as pool:
+            def call(i):
+                ch, s = stub(app.address)
+                with ch:
+                    return digits(s.ModelInfer(request(images[i : i + 1]), timeout=30))
+
+            first = pool.submit(call, 0)
+            assert g.entered.wait(10)
+            rest = [pool.submit(call, i) for i in range(1, 12)]
+            time.sleep(ARRIVE_S)
+            g.open.set()
+            answers = [first.result(30)] + [f.result(30) for f in rest]
+        assert answers == [[d] for d in ref.tolist()]
+        assert g.batches[0] == [1]
+        assert max(len(b) for b in g.batches[1:]) > 1  # the waiting calls shared a batch
+        assert sorted(m for b in g.batches for m in b) == list(range(1, 13))
+        assert set(g.threads) == {"infer-lane"}
+
+
+def test_a_group_over_the_queue_limit_is_refused_before_compute(mnist):
+    with running_server(max_request_images=8, max_queue=16) as app:
+        g = gate(app)
+        g.open.clear()
+        with futures.ThreadPoolExecutor(4) as pool:
+            def call(mark, n):
+                ch, s = stub(app.address)
+                with ch:
+                    try:
+                        return digits(s.ModelInfer(request(marked(mnist, [mark] * n)), timeout=30))
+                    except grpc.RpcError as exc:
+                        return exc
+
+            first = pool.submit(call, 100, 1)
+            assert g.entered.wait(10)
+            eights = {mark: pool.submit(call, mark, 8) for mark in (1, 2, 3)}
+            time.sleep(ARRIVE_S)
+            g.open.set()
+            first.result(30)
+            results = {mark: f.result(30) for mark, f in eights.items()}
+        refused = [m for m, r in results.items() if isinstance(r, grpc.RpcError)]
+        assert len(refused) == 1, results  # 8 + 8 fill --max-queue 16; the third 8 does not fit
+        err = results[refused[0]]
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 16 (--max-queue)" in err.details()
+        assert all(refused[0] not in b for b in g.batches)  # never computed
+        assert app.core.batcher.stats.rejected_full == 1
+
+
+def test_a_call_whose_deadline_passes_while_the_lane_is_busy_is_never_computed(mnist):
+    with running_server() as app:
+        g = gate(app)
+        g.open.clear()
+        with futures.ThreadPoolExecutor(2) as pool:
+            def call(mark, timeout):
+                ch, s = stub(app.address)
+                with ch:
+                    return digits(s.ModelInfer(request(marked(mnist, [mark])), timeout=timeout))
+
+            first = pool.submit(call, 1, 30)
+            assert g.entered.wait(10)
+            late = pool.submit(call, 77, 0.2)
+            with pytest.raises(grpc.RpcError) as info:
+                late.result(30)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            g.open.set()
+            first.result(30)
+        ch, s = stub(app.address)
+        with ch:
+            s.ModelInfer(request(marked(mnist, [5])), timeout=10)  # the lane has read everything before this
+        assert all(77 not in b for b in g.batches)
+
+
+def test_bearer_token_is_checked_on_the_lane(tmp_path, mnist):
+    token = tmp_path / "token"
+    token.write_text("lane-token-0123456789abcdef\n")
+    with running_server(token_file=str(token)) as app:
+        assert app.lane is not None
+        ch, s = stub(app.address)
+        with ch:
+            for metadata, why in (((), "missing authorization"), ((("authorization", "Bearer nope-nope-nope-nope"),), "wrong bearer token")):
+                with pytest.raises(grpc.RpcError) as info:
+                    s.ModelInfer(request(mnist.test.images[:1]), metadata=metadata, timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and why in info.value.details()
+            ok = s.ModelInfer(request(mnist.test.images[:1]), metadata=(("authorization", "bearer lane-token-0123456789abcdef"),), timeout=10)
+            assert len(digits(ok)) == 1
+
+
+def test_bytes_that_are_not_a_request_get_invalid_argument(mnist):
+    with running_server() as app:
+        with grpc.insecure_channel(app.address) as ch:
+            raw = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            with pytest.raises(grpc.RpcError) as info:
+                raw(b"\xff\xff\xff", timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid inference.ModelInferRequest" in info.value.details()
+
+
+def test_an_unexpected_error_is_internal_and_the_lane_keeps_serving(mnist, monkeypatch, caplog):
+    real = v2.encode_infer_bytes
+    failures = iter([True])
+
+    def flaky(*args):
+        if next(failures, False):
+            raise RuntimeError("boom")
+        return real(*args)
+
+    monkeypatch.setattr(v2, "encode_infer_bytes", flaky)
+    with running_server() as app:
+        ch, s = stub(app.address)
+        with ch:
+            with pytest.raises(grpc.RpcError) as info:
+                s.ModelInfer(request(mnist.test.images[:1]), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INTERNAL and "internal error in" in info.value.details()
+            assert "boom" not in info.value.details()  # no internals to the client
+            assert len(digits(s.ModelInfer(request(mnist.test.images[:1]), timeout=10))) == 1
+    assert any("boom" in (r.exc_text or "") or "boom" in str(r.exc_info) for r in caplog.records)
+
+
+def test_without_the_lane_model_infer_is_served_from_the_handler_threads(mnist, monkeypatch):
+    with running_server(infer_lane=False) as app:
+        assert app.lane is None
+        g = gate(app)
+        ch, s = stub(app.address)
+        with ch:
+            assert len(digits(s.ModelInfer(request(mnist.test.images[:2]), timeout=10))) == 2
+        assert g.threads[0].startswith("rpc")
+    # A grpcio without the layer the lane uses: the same, with a warning instead of a failure.
+    monkeypatch.setattr(lane, "supported", lambda server: False)
+    with running_server() as app:
+        assert app.lane is None
+        ch, s = stub(app.address)
+        with ch:
+            assert len(digits(s.ModelInfer(request(mnist.test.images[:1]), timeout=10))) == 1
+
+
+def test_a_call_in_flight_on_the_lane_finishes_during_shutdown_and_the_lane_thread_ends(mnist):
+    with running_server(grace_s=10.0) as app:
+        g = gate(app)
+        g.open.clear()
+        with futures.ThreadPoolExecutor(1) as pool:
+            ch, s = stub(app.address)
+            with ch:
+                call = pool.submit(lambda: digits(s.ModelInfer(request(mnist.test.images[:1]), timeout=30)))
+                assert g.entered.wait(10)
+                stopper = threading.Thread(target=app.shutdown, args=("test",))
+                stopper.start()
+                wait_for(lambda: app.core.state is State.STOPPING)
+                g.open.set()
+                assert len(call.result(30)) == 1
+        stopper.join(30)
+        assert app.stopped.is_set()
+        assert not app.lane._thread.is_alive()  # noqa: SLF001
