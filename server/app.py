@@ -147,7 +147,14 @@ class App:
         self.lane: lane.Lane | None = None
         if settings.infer_lane:
             if lane.supported(self.server):
-                self.lane = lane.Lane(self.server, {MODEL_INFER: v2_servicer.model_infer_group}, token.refusal if token else None, settings.max_concurrent_rpcs)
+                self.lane = lane.Lane(
+                    self.server,
+                    {MODEL_INFER: v2_servicer.model_infer_group},
+                    authorize=token.refusal if token else None,
+                    max_calls=settings.max_concurrent_rpcs,
+                    gather_s=settings.max_queue_delay_us / 1e6,
+                    max_group=settings.max_batch_size,
+                )
             else:
                 logs.event("lane_unavailable", "this grpcio lacks what the inference lane needs: ModelInfer is served from the handler threads", logging.WARNING)
         on_lane = frozenset(self.lane.methods if self.lane else ())

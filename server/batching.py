@@ -129,11 +129,13 @@ class Batcher:
         is_cancelled: Callable[[], bool] | None = None,
         *,
         requests: int = 1,
+        gather: bool = True,
     ) -> Result:
         """Run `pixels` (uint8 [N,28,28]) through the model, batched with concurrent callers.
 
         `deadline` is on this batcher's clock (time.monotonic by default). `requests` is how
-        many requests `pixels` carries, for the statistics (`infer_group` passes several).
+        many requests `pixels` carries, for the statistics; `gather=False` runs at once when
+        idle even with a queue delay set (`infer_group`: its caller has gathered already).
         """
         n = int(pixels.shape[0])
         with self._lock:
@@ -141,7 +143,7 @@ class Batcher:
                 self.stats.rejected_full += 1
                 raise _full(self._queued_images, n, self.max_queue)
             self.stats.requests += requests
-            if not self._busy and self.max_queue_delay_s == 0:
+            if not self._busy and (self.max_queue_delay_s == 0 or not gather):
                 # Idle: run at once, in this thread, with nothing queued behind us yet.
                 self._busy = True
                 p = None
@@ -217,7 +219,7 @@ class Batcher:
                 continue
             x = group[live[0]][0] if len(live) == 1 else np.concatenate([group[i][0] for i in live])
             try:
-                r = self.infer(x, requests=len(live))
+                r = self.infer(x, requests=len(live), gather=False)
             except BaseException as exc:  # noqa: BLE001 - every request of the batch gets the error
                 for i in live:
                     deliver(i, exc)

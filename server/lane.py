@@ -95,6 +95,8 @@ class Lane:
         handlers: dict[str, Handler],
         authorize: Callable[[tuple], str | None] | None = None,
         max_calls: int = 1024,
+        gather_s: float = 0.0,
+        max_group: int = 256,
     ) -> None:
         if not supported(server):
             raise RuntimeError("this grpcio does not offer what the inference lane needs")
@@ -110,6 +112,10 @@ class Lane:
         # at once (more wait in gRPC core), and every call taken is one the server has accepted,
         # which a graceful shutdown lets finish (gRPC core refuses the ones no slot took).
         self._slots = max_calls
+        # --max-queue-delay-us on the lane: after taking what is ready, keep taking calls for
+        # up to gather_s, or until max_group calls (--max-batch-size: each carries an image or more).
+        self._gather_s = gather_s
+        self._max_group = max_group
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.groups = 0  # groups answered, and calls in them: their ratio is the mean group size
@@ -127,8 +133,11 @@ class Lane:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """End the lane thread. Only once the server has stopped: gRPC core requires a server's
+        queues to outlive it."""
         self._stopping = True
         if self._thread is not None:
+            self._cq.shutdown()  # wakes the thread at once
             self._thread.join(timeout)
 
     # -- answering (handlers call these) ---------------------------------------------------
@@ -181,8 +190,26 @@ class Lane:
                 event = poll(0)  # everything else that is ready now joins this group
                 if event.completion_type != complete:
                     break
+            if ready and self._gather_s > 0:
+                self._gather(ready)
             if ready:
                 self._answer(ready)
+
+    def _gather(self, ready: list[LaneCall]) -> None:
+        """Keep taking events for up to gather_s after the first request, to fill a batch."""
+        complete = cygrpc.CompletionType.operation_complete
+        end = ready[0].arrived + self._gather_s
+        while len(ready) < self._max_group:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            event = self._cq.poll(time.time() + left)
+            if event.completion_type != complete:
+                return
+            try:
+                self._take(event, ready)
+            except Exception:  # noqa: BLE001 - as in the loop
+                log.exception("inference lane: unexpected error handling a gRPC event")
 
     def _take(self, event, ready: list[LaneCall]) -> None:
         tag = event.tag

@@ -240,3 +240,29 @@ def test_a_call_in_flight_on_the_lane_finishes_during_shutdown_and_the_lane_thre
         stopper.join(30)
         assert app.stopped.is_set()
         assert not app.lane._thread.is_alive()  # noqa: SLF001
+
+
+def test_max_queue_delay_lets_the_lane_gather_calls_into_one_batch(mnist):
+    # 3 s: far longer than three calls take to arrive, so they all land in the first batch.
+    with running_server(max_queue_delay_us=3_000_000, max_batch_size=3) as app:
+        g = gate(app)
+        images = marked(mnist, [1, 2, 3])
+        _, ref = ort_reference(app.core.model.file, images)
+        with futures.ThreadPoolExecutor(3) as pool:
+            def call(i):
+                ch, s = stub(app.address)
+                with ch:
+                    return digits(s.ModelInfer(request(images[i : i + 1]), timeout=30))
+
+            answers = list(pool.map(call, range(3)))
+        assert answers == [[d] for d in ref.tolist()]
+        # max_batch_size calls end the wait early: the batch ran as soon as it was full.
+        assert sorted(g.batches[0]) == [1, 2, 3]
+
+
+def test_the_lane_thread_ends_when_the_server_has_stopped(mnist):
+    with running_server() as app:
+        thread = app.lane._thread  # noqa: SLF001
+        app.server.stop(0).wait()
+        app.lane.stop(timeout=30)  # shuts its queue down, which wakes the thread
+        assert not thread.is_alive()
