@@ -387,6 +387,9 @@ def _pa_summary(text: str) -> dict[str, Any]:
 
     m = re.search(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec, latency ([\d.]+) usec", text)
     summary: dict[str, Any] = {"raw_tail": text.strip().splitlines()[-12:]}
+    if "Failed to obtain stable measurement" in text:
+        # perf_analyzer's own verdict (exit 2): its windows never agreed within the stability percentage.
+        summary["unstable"] = True
     if m:
         summary.update({"throughput": float(m.group(2)), "avg_us": float(m.group(3))})
     for q in ("p50", "p99"):
@@ -447,7 +450,7 @@ def markdown(result: dict[str, Any]) -> str:
         for k, v in pa.items():
             s = v["summary"]
             br = s.get("server_breakdown_us", {})
-            lines.append(f"| {k} | {v['returncode']} | {s.get('throughput', 'n/a')} | {s.get('p50_us', 'n/a')} | {s.get('p99_us', 'n/a')} | "
+            lines.append(f"| {k} | {v['returncode']} | {s.get('throughput', 'no stable measurement' if s.get('unstable') else 'n/a')} | {s.get('p50_us', 'n/a')} | {s.get('p99_us', 'n/a')} | "
                          f"{br.get('queue', 'n/a')} | {br.get('compute_infer', 'n/a')} |")
     return "\n".join(lines) + "\n"
 
