@@ -14,6 +14,10 @@ Policy (DESIGN.md "Processes and speed"):
 - a request whose deadline passes (or whose caller cancels) while queued is dropped
   before compute, with DEADLINE_EXCEEDED (or CANCELLED).
 
+The inference lane (server/lane.py) hands over several requests at once from one thread
+(`infer_group`): they are cut into batches by the same rules, the queue limit counts the
+whole group before any of it runs, and expired ones are dropped before their batch.
+
 Each request keeps its own slot: results are cut from the batch output by offset and
 handed to exactly the request that owns them. Knows nothing about gRPC.
 """

@@ -13,7 +13,9 @@ group: the handler decodes each request, and the batcher runs the valid ones tog
 (`Batcher.infer_group`: batches of at most --max-batch-size images, --max-queue counted,
 expired deadlines dropped before compute). At concurrency 1 that is a batch of one with no
 hand-off at all; under load, the requests that arrived while a batch ran form the next.
-While the thread runs a batch, new calls wait in gRPC core, unread, for at most that batch.
+While the thread answers a group, new calls wait in gRPC core, unread, until it is done: at
+most --max-queue images of work (what a group holds beyond that is refused), plus the batch
+another thread (a stream, a native call) may be running when the lane needs the model.
 
 The lane talks to grpcio's Cython layer (`grpc._cython.cygrpc`), the layer grpcio's own
 servers are built on; `supported()` checks that this grpcio has what the lane uses, and the
