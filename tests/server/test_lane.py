@@ -70,6 +70,20 @@ def stub(address: str):
     return ch, pb_grpc.GRPCInferenceServiceStub(ch)
 
 
+def infer(address: str, images: np.ndarray, timeout: float = 30.0) -> list[int]:
+    """One ModelInfer on a channel of its own: the digits."""
+    ch, s = stub(address)
+    with ch:
+        return digits(s.ModelInfer(request(images), timeout=timeout))
+
+
+def infer_or_error(address: str, images: np.ndarray) -> list[int] | grpc.RpcError:
+    try:
+        return infer(address, images)
+    except grpc.RpcError as exc:
+        return exc
+
+
 def test_model_infer_runs_on_the_lane_thread(mnist):
     with running_server() as app:
         assert app.lane is not None and app.lane.methods == ["/inference.GRPCInferenceService/ModelInfer"]
@@ -90,14 +104,9 @@ def test_calls_that_arrive_while_a_batch_runs_are_answered_as_one_group_each_wit
         _, ref = ort_reference(app.core.model.file, images)
         g.open.clear()
         with futures.ThreadPoolExecutor(12) as pool:
-            def call(i):
-                ch, s = stub(app.address)
-                with ch:
-                    return digits(s.ModelInfer(request(images[i : i + 1]), timeout=30))
-
-            first = pool.submit(call, 0)
+            first = pool.submit(infer, app.address, images[:1])
             assert g.entered.wait(10)
-            rest = [pool.submit(call, i) for i in range(1, 12)]
+            rest = [pool.submit(infer, app.address, images[i : i + 1]) for i in range(1, 12)]
             time.sleep(ARRIVE_S)
             g.open.set()
             answers = [first.result(30)] + [f.result(30) for f in rest]
@@ -113,17 +122,9 @@ def test_a_group_over_the_queue_limit_is_refused_before_compute(mnist):
         g = gate(app)
         g.open.clear()
         with futures.ThreadPoolExecutor(4) as pool:
-            def call(mark, n):
-                ch, s = stub(app.address)
-                with ch:
-                    try:
-                        return digits(s.ModelInfer(request(marked(mnist, [mark] * n)), timeout=30))
-                    except grpc.RpcError as exc:
-                        return exc
-
-            first = pool.submit(call, 100, 1)
+            first = pool.submit(infer, app.address, marked(mnist, [100]))
             assert g.entered.wait(10)
-            eights = {mark: pool.submit(call, mark, 8) for mark in (1, 2, 3)}
+            eights = {mark: pool.submit(infer_or_error, app.address, marked(mnist, [mark] * 8)) for mark in (1, 2, 3)}
             time.sleep(ARRIVE_S)
             g.open.set()
             first.result(30)
@@ -141,14 +142,9 @@ def test_a_call_whose_deadline_passes_while_the_lane_is_busy_is_never_computed(m
         g = gate(app)
         g.open.clear()
         with futures.ThreadPoolExecutor(2) as pool:
-            def call(mark, timeout):
-                ch, s = stub(app.address)
-                with ch:
-                    return digits(s.ModelInfer(request(marked(mnist, [mark])), timeout=timeout))
-
-            first = pool.submit(call, 1, 30)
+            first = pool.submit(infer, app.address, marked(mnist, [1]))
             assert g.entered.wait(10)
-            late = pool.submit(call, 77, 0.2)
+            late = pool.submit(infer, app.address, marked(mnist, [77]), 0.2)
             with pytest.raises(grpc.RpcError) as info:
                 late.result(30)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -249,12 +245,7 @@ def test_max_queue_delay_lets_the_lane_gather_calls_into_one_batch(mnist):
         images = marked(mnist, [1, 2, 3])
         _, ref = ort_reference(app.core.model.file, images)
         with futures.ThreadPoolExecutor(3) as pool:
-            def call(i):
-                ch, s = stub(app.address)
-                with ch:
-                    return digits(s.ModelInfer(request(images[i : i + 1]), timeout=30))
-
-            answers = list(pool.map(call, range(3)))
+            answers = list(pool.map(lambda i: infer(app.address, images[i : i + 1]), range(3)))
         assert answers == [[d] for d in ref.tolist()]
         # max_batch_size calls end the wait early: the batch ran as soon as it was full.
         assert sorted(g.batches[0]) == [1, 2, 3]
