@@ -246,7 +246,10 @@ class Lane:
         c.call = None
         m = c.method
         if m.open and not self._stopping:
-            self._cy.request_registered_call(self._cq, self._cq, m.name, m)
+            try:
+                self._cy.request_registered_call(self._cq, self._cq, m.name, m)
+            except ValueError:  # "server must be started and not shutting down": no more calls
+                m.open = False
 
     def _answer(self, ready: list[LaneCall]) -> None:
         self.groups += 1
