@@ -261,12 +261,15 @@ class Lane:
             for c in ready:
                 groups.setdefault(c.method, []).append(c)
         for method, calls in groups.items():
-            error = "it answered none"
+            error = None
             try:
                 method.handler(calls, self)
             except Exception as exc:  # noqa: BLE001 - a handler bug: the calls it left get INTERNAL
                 log.error("unexpected error in %s", method.name, exc_info=exc)
                 error = type(exc).__name__
-            for c in calls:  # every call is answered, whatever the handler did
-                if c.stage == _RECEIVING:
-                    self.fail(c, grpc.StatusCode.INTERNAL, f"internal error in {method.name.rsplit('/', 1)[-1]}: {error}; the server logged the traceback")
+            left = [c for c in calls if c.stage == _RECEIVING]
+            if left and error is None:
+                log.error("%s left %d of %d calls unanswered", method.name, len(left), len(calls))
+                error = "a call was left unanswered"
+            for c in left:  # every call is answered, whatever the handler did
+                self.fail(c, grpc.StatusCode.INTERNAL, f"internal error in {method.name.rsplit('/', 1)[-1]}: {error}; the server logged it")

@@ -286,3 +286,38 @@ def test_a_call_that_ends_after_grpc_core_began_its_shutdown_does_not_ask_for_an
         method.open = True
         app.lane._release(lane.LaneCall(None, method, None, 0.0))  # noqa: SLF001 - must not raise
         assert method.open is False
+
+
+def test_a_handler_that_leaves_calls_unanswered_or_raises_gets_them_internal_and_the_lane_goes_on(caplog):
+    """The lane on a bare grpc.server: whatever its handler does, every call gets one answer."""
+    behaviour = iter(["ignore", "raise", "echo"])
+
+    def handler(calls, ln):
+        what = next(behaviour)
+        if what == "raise":
+            raise RuntimeError("boom")
+        if what == "echo":
+            for c in calls:
+                ln.reply(c, c.message)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    ln = lane.Lane(server, {"/t.Lane/Echo": handler}, max_calls=4)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    ln.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            echo = ch.unary_unary("/t.Lane/Echo")
+            for fragment in ("a call was left unanswered", "RuntimeError"):
+                with pytest.raises(grpc.RpcError) as info:
+                    echo(b"x", timeout=10)
+                assert info.value.code() == grpc.StatusCode.INTERNAL and fragment in info.value.details()
+            assert echo(b"hello", timeout=10) == b"hello"
+            # 4 slots, 3 calls ended: the slots came back, so more calls than slots are served.
+            behaviour = iter(["echo"] * 8)
+            assert [echo(bytes([i]), timeout=10) for i in range(8)] == [bytes([i]) for i in range(8)]
+    finally:
+        server.stop(0).wait()
+        ln.stop()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("left 1 of 1 calls unanswered" in m for m in errors) and any("unexpected error in /t.Lane/Echo" in m for m in errors)
