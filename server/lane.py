@@ -56,9 +56,9 @@ def supported(server: grpc.Server) -> bool:
 
 
 class LaneCall:
-    """One call on the lane: what a handler reads (`message`, `deadline`, `arrived`) and answers."""
+    """One call on the lane: what a handler reads (`message`, `deadline`, `received_ns`) and answers."""
 
-    __slots__ = ("call", "method", "deadline", "arrived", "message", "stage")
+    __slots__ = ("call", "method", "deadline", "arrived", "message", "received_ns", "stage")
 
     def __init__(self, call, method: "_Method", deadline: float | None, arrived: float) -> None:
         self.call = call
@@ -66,6 +66,7 @@ class LaneCall:
         self.deadline = deadline  # time.monotonic() seconds, or None
         self.arrived = arrived  # time.monotonic() when the call was taken
         self.message: bytes = b""
+        self.received_ns = 0  # time.perf_counter_ns() when the message was read: where the server's time starts
         self.stage = _RECEIVING
 
 
@@ -237,6 +238,7 @@ class Lane:
                 self.fail(tag, grpc.StatusCode.UNIMPLEMENTED, f"{tag.method.name} requires exactly one request message")
                 return
             tag.message = message
+            tag.received_ns = time.perf_counter_ns()
             ready.append(tag)
         else:  # _ANSWERING: the answer went out (or the call ended); dropping the tag frees the call
             self._release(tag)

@@ -371,10 +371,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.core.stats.record_request("v2", status_of(exc).name, now() - t0)
             abort(context, exc, "ModelInfer")
             return pb.ModelInferResponse()  # not reached: abort raises
+
     def model_infer_group(self, calls, lane) -> None:
         """ModelInfer for calls that arrived together on the inference lane (server/lane.py):
         each request decoded and checked on its own, the valid ones run as batches by the
-        batcher, every call answered (or refused) as soon as its batch ends."""
+        batcher, every call answered (or refused) as soon as its batch ends. Each call's time
+        counts from when its message was read; its queue time from when it was decoded."""
         now = time.perf_counter_ns
         core = self.core
         stats = core.stats
@@ -382,7 +384,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         group: list[tuple[np.ndarray, float | None, float]] = []
         owners: list[tuple[object, DecodedRequest, int, int]] = []
         for c in calls:
-            t0 = now()
+            t0 = c.received_ns
             try:
                 request = pb.ModelInferRequest.FromString(c.message)
             except DecodeError as exc:
@@ -401,8 +403,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 stats.record_request("v2", status_of(exc).name, now() - t0)
                 lane.fail(c, *status_and_message(exc, "ModelInfer"))
                 continue
-            group.append((decoded.pixels, c.deadline, c.arrived))
             owners.append((c, decoded, t0, now()))
+            group.append((decoded.pixels, c.deadline, time.monotonic()))
 
         def deliver(i: int, result) -> None:
             c, decoded, t0, t1 = owners[i]
