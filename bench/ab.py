@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, default=40000, help="cap on requests per measurement")
     p.add_argument("--concurrency", type=parse_levels, default="1,64", help="closed-loop callers, e.g. 1,4,64")
     p.add_argument("--images", type=int, default=1, help="images per request")
+    p.add_argument("--api", choices=("v2", "native"), default="v2", help="v2: ModelInfer; native: the native API's unary Classify (raw pixels)")
     p.add_argument("--out", type=Path, default=Path("reports/ab"))
     args = p.parse_args(argv)
     names = [v.name for v in args.variants]
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     loadgen.pin_to(br.LOADGEN_CPU)
     cfg = br.BenchConfig(seconds=args.seconds, max_requests=args.max_requests)
-    payload = br.infer_payload(np.random.default_rng(0).integers(0, 256, (args.images, 28, 28), dtype=np.uint8))
+    images = np.random.default_rng(0).integers(0, 256, (args.images, 28, 28), dtype=np.uint8)
+    payload, api_method = (br.infer_payload(images), br.INFER) if args.api == "v2" else (br.classify_payload(images), br.CLASSIFY)
     rows: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="mnist-edge-ab-") as tmp:
         trees = checkout(args.variants, commits, Path(tmp))
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         if name != FLOOR:
                             br.wait_serving(proc.address)
-                        method = "/bench.Echo/Echo" if name == FLOOR else br.INFER
+                        method = "/bench.Echo/Echo" if name == FLOOR else api_method
                         for c in levels:
                             rows.setdefault((name, c), []).append(br.measure(proc, method, payload, c, cfg, False, args.images, name != FLOOR))
                     finally:
@@ -160,7 +162,7 @@ def report(args, argv: list[str], levels: list[int], rows: dict[tuple[str, int],
 
     first = args.variants[0].name
     lines = [f"`python -m bench.ab {' '.join(shlex.quote(a) for a in argv)}`", "",
-             f"{args.rounds} interleaved rounds, {args.images} image(s) per request; medians over rounds; ratios are medians of per-round ratios.", ""]
+             f"{args.rounds} interleaved rounds, {'ModelInfer' if args.api == 'v2' else 'native Classify'}, {args.images} image(s) per request; medians over rounds; ratios are medians of per-round ratios.", ""]
     for v in args.variants:
         lines.append(f"- {v.name}: {'the working tree' if v.rev == '.' else 'revision ' + v.rev}{' with ' + ' '.join(v.args) if v.args else ''}")
     for c in levels:

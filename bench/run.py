@@ -31,6 +31,7 @@ from bench import loadgen
 from bench import perf_analyzer as pa_mod
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+CLASSIFY = "/digits.v1.DigitClassifier/Classify"
 CLASSIFY_STREAM = "/digits.v1.DigitClassifier/ClassifyStream"
 SERVER_CPU = 0
 LOADGEN_CPU = 1
@@ -139,9 +140,14 @@ def infer_payload(images: np.ndarray) -> bytes:
 
 
 def stream_payload(image: np.ndarray) -> bytes:
+    return classify_payload(image[None])
+
+
+def classify_payload(images: np.ndarray) -> bytes:
+    """A native ClassifyRequest carrying `images` (uint8 [N,28,28]) as raw pixels."""
     from protos.digits.v1 import digits_pb2 as pb
 
-    return pb.ClassifyRequest(images=[pb.Image(pixels=np.ascontiguousarray(image, dtype=np.uint8).tobytes())]).SerializeToString()
+    return pb.ClassifyRequest(images=[pb.Image(pixels=np.ascontiguousarray(im, dtype=np.uint8).tobytes()) for im in images]).SerializeToString()
 
 
 def batch_counters(address: str) -> tuple[int, int]:

@@ -40,6 +40,7 @@ NATIVE_SERVICE = digits_pb2.DESCRIPTOR.services_by_name["DigitClassifier"].full_
 READINESS_NAMES = ("", INFERENCE_SERVICE, NATIVE_SERVICE)
 LIVENESS_NAME = "liveness"
 MODEL_INFER = f"/{INFERENCE_SERVICE}/ModelInfer"
+CLASSIFY = f"/{NATIVE_SERVICE}/Classify"
 
 
 def default_loader(settings: Settings, min_version: int | None = None) -> LoadedModel:
@@ -141,22 +142,23 @@ class App:
             interceptors=interceptors,
         )
         v2_servicer = InferenceServicer(self.core, __version__)
-        native_servicer = DigitClassifierServicer(self.core)
-        # ModelInfer on the inference lane (server/lane.py): one thread, no hand-offs. grpcio's
-        # private layer it uses is checked first; without it ModelInfer stays on the pool.
+        native_servicer = DigitClassifierServicer(self.core, offload=self.pool.submit)
+        # ModelInfer and Classify on the inference lane (server/lane.py): one thread, no
+        # hand-offs. grpcio's private layer it uses is checked first; without it they stay on
+        # the handler threads.
         self.lane: lane.Lane | None = None
         if settings.infer_lane:
             if lane.supported(self.server):
                 self.lane = lane.Lane(
                     self.server,
-                    {MODEL_INFER: v2_servicer.model_infer_group},
+                    {MODEL_INFER: v2_servicer.model_infer_group, CLASSIFY: native_servicer.classify_group},
                     authorize=token.refusal if token else None,
                     max_calls=settings.max_concurrent_rpcs,
                     gather_s=settings.max_queue_delay_us / 1e6,
                     max_group=settings.max_batch_size,
                 )
             else:
-                logs.event("lane_unavailable", "this grpcio lacks what the inference lane needs: ModelInfer is served from the handler threads", logging.WARNING)
+                logs.event("lane_unavailable", "this grpcio lacks what the inference lane needs: ModelInfer and Classify are served from the handler threads", logging.WARNING)
         on_lane = frozenset(self.lane.methods if self.lane else ())
         registrations = [
             (lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(v2_servicer, s), {"ModelInfer": v2.model_infer_handler(v2_servicer)}),

@@ -1,4 +1,4 @@
-"""The inference lane: ModelInfer served straight from gRPC's completion queue, on one thread.
+"""The inference lane: ModelInfer and Classify served straight from gRPC's completion queue, on one thread.
 
 grpcio's sync server moves every unary call between two threads twice: its polling thread
 takes the call from gRPC core and hands it to a pool thread, which asks for the request
@@ -19,7 +19,9 @@ another thread (a stream, a native call) may be running when the lane needs the 
 
 The lane talks to grpcio's Cython layer (`grpc._cython.cygrpc`), the layer grpcio's own
 servers are built on; `supported()` checks that this grpcio has what the lane uses, and the
-server serves ModelInfer from its thread pool when it does not (or with --no-infer-lane).
+server serves ModelInfer and Classify from its thread pool when it does not (or with
+--no-infer-lane). A handler may hand a call to another thread (`hand_off`), which then answers
+it with reply() or fail(): Classify does so for encoded images, whose decoding may take long.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ try:
 except ImportError:  # pragma: no cover - every grpcio wheel has it
     cygrpc = None
 
-_RECEIVING, _ANSWERING = 0, 1
+_RECEIVING, _ANSWERING, _HANDED_OFF = 0, 1, 2
 _NO_DEADLINE = 1e15  # gRPC core reports "no deadline" as ~9.2e18 seconds since the epoch
 _POLL_S = 0.5  # how often an idle lane looks at its stop flag
 _EMPTY = ()
@@ -110,11 +112,11 @@ class Lane:
         for m in self._methods:
             self._cy.register_method(m.name)
         self._authorize = authorize
-        # Each method keeps `max_calls` requests for calls open in gRPC core, and a slot is asked
-        # for again only when its call has ended: at most that many calls per method are taken
-        # at once (more wait in gRPC core), and every call taken is one the server has accepted,
+        # The methods share `max_calls` requests for calls, kept open in gRPC core; a slot is
+        # asked for again only when its call has ended: at most that many calls are taken at
+        # once (more wait in gRPC core), and every call taken is one the server has accepted,
         # which a graceful shutdown lets finish (gRPC core refuses the ones no slot took).
-        self._slots = max_calls
+        self._slots = max(1, max_calls // max(1, len(self._methods)))
         # --max-queue-delay-us on the lane: after taking what is ready, keep taking calls for
         # up to gather_s, or until max_group calls (--max-batch-size: each carries an image or more).
         self._gather_s = gather_s
@@ -143,7 +145,10 @@ class Lane:
             self._cq.shutdown()  # wakes the thread at once
             self._thread.join(timeout)
 
-    # -- answering (handlers call these) ---------------------------------------------------
+    # -- answering (handlers call these; reply and fail also from other threads) ---------------
+    def hand_off(self, c: LaneCall) -> None:
+        """The handler passes `c` to another thread, which will reply() or fail() it."""
+        c.stage = _HANDED_OFF
     def reply(self, c: LaneCall, body: bytes) -> None:
         """Answer OK with the serialized response `body`."""
         c.stage = _ANSWERING

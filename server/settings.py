@@ -50,10 +50,10 @@ class Settings:
     health_address: str | None = _opt(None, "HOST:PORT for a plaintext health-only listener (for probes that cannot speak TLS)")
     metrics_address: str = _opt("127.0.0.1:9464", 'HOST:PORT for the Prometheus /metrics endpoint ("" turns it off)')
     intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per session")
-    infer_lane: bool = _opt(True, "serve ModelInfer on one thread straight from gRPC's completion queue (no thread hand-offs; requests ready together run as one batch); off: on the handler threads")
+    infer_lane: bool = _opt(True, "serve ModelInfer and the native Classify on one thread straight from gRPC's completion queue (no thread hand-offs; requests ready together run as one batch; encoded images go to the handler threads); off: on the handler threads")
     handler_threads: int = _opt(4, "threads for unary calls (most recently idle first; more calls wait in line, none is refused); threads start on demand")
     stream_threads: int = _opt(64, "threads for streams: streams open at once (each open stream holds one; more wait for one to close)")
-    max_concurrent_rpcs: int = _opt(1024, "calls accepted at once; more get RESOURCE_EXHAUSTED from gRPC (ModelInfer on the inference lane: more wait in gRPC core)")
+    max_concurrent_rpcs: int = _opt(1024, "calls accepted at once; more get RESOURCE_EXHAUSTED from gRPC (ModelInfer and Classify on the inference lane: more wait in gRPC core)")
     log_format: str = _opt("json", "log line format: json or text", choices=("json", "text"))
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 

@@ -86,6 +86,22 @@ def test_ab_compares_a_revision_with_the_working_tree_and_cleans_up(tmp_path):
     assert after == before  # the temporary worktree is gone
 
 
+def test_ab_drives_the_native_classify_with_api_native(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ab"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--rounds", "1", "--seconds", "0.2", "--max-requests", "60", "--concurrency", "1",
+         "--api", "native", "--images", "2", "--out", str(out), "lane=.", "pool=. --no-infer-lane"],
+        capture_output=True, text=True, timeout=600, check=False, cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "ab.md").read_text()
+    assert "native Classify, 2 image(s) per request" in text
+    for name in ("floor", "lane", "pool"):
+        rows = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
+        assert len(rows) == 1 and rows[0].endswith("| 0 |"), rows
+
+
 def test_ab_refuses_a_malformed_variant_and_an_unknown_revision_before_starting_anything():
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-m", "bench.ab", "no-revision-here"], capture_output=True, text=True, timeout=60, check=False, cwd=root)

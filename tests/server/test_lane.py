@@ -1,4 +1,4 @@
-"""The inference lane (server/lane.py): ModelInfer served from gRPC's completion queue on one thread.
+"""The inference lane (server/lane.py): ModelInfer and Classify served from gRPC's completion queue on one thread.
 
 The model is wrapped in a gate that records every batch it runs (pixel [0,0] of each image
 is the caller's mark) and can be held, so a test can keep the lane busy while other calls
@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from helpers.servers import ort_reference, running_server, wait_for
+from protos.digits.v1 import digits_pb2 as dpb
+from protos.digits.v1 import digits_pb2_grpc as dpb_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from server import lane, v2
@@ -86,7 +88,8 @@ def infer_or_error(address: str, images: np.ndarray) -> list[int] | grpc.RpcErro
 
 def test_model_infer_runs_on_the_lane_thread(mnist):
     with running_server() as app:
-        assert app.lane is not None and app.lane.methods == ["/inference.GRPCInferenceService/ModelInfer"]
+        assert app.lane is not None
+        assert app.lane.methods == ["/inference.GRPCInferenceService/ModelInfer", "/digits.v1.DigitClassifier/Classify"]
         g = gate(app)
         ch, s = stub(app.address)
         with ch:
@@ -321,3 +324,77 @@ def test_a_handler_that_leaves_calls_unanswered_or_raises_gets_them_internal_and
         ln.stop()
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("left 1 of 1 calls unanswered" in m for m in errors) and any("unexpected error in /t.Lane/Echo" in m for m in errors)
+
+
+# -- the native API's unary Classify on the lane ---------------------------------------------------
+def png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_classify_with_raw_pixels_runs_on_the_lane_and_keeps_per_image_errors(mnist):
+    with running_server() as app:
+        g = gate(app)
+        images = mnist.test.images[:2]
+        _, ref = ort_reference(app.core.model.file, images)
+        with grpc.insecure_channel(app.address) as ch:
+            native = dpb_grpc.DigitClassifierStub(ch)
+            req = dpb.ClassifyRequest(images=[dpb.Image(pixels=images[0].tobytes()), dpb.Image(pixels=b"\x00" * 783),
+                                              dpb.Image(pixels=images[1].tobytes())], request_id="r1")
+            resp = native.Classify(req, timeout=10)
+            assert resp.request_id == "r1" and resp.model_version == app.core.model.version
+            assert [resp.predictions[0].digit, resp.predictions[2].digit] == ref.tolist()
+            assert resp.predictions[1].HasField("error") and "exactly 784 bytes" in resp.predictions[1].error.message
+            # every image refused: answered without the model
+            bad = native.Classify(dpb.ClassifyRequest(images=[dpb.Image(pixels=b"\x01")]), timeout=10)
+            assert bad.predictions[0].HasField("error")
+            with pytest.raises(grpc.RpcError) as info:
+                ch.unary_unary("/digits.v1.DigitClassifier/Classify")(b"\xff\xff", timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid digits.v1.ClassifyRequest" in info.value.details()
+        assert g.threads == ["infer-lane"]  # one batch: the two good images of the first request
+        assert g.batches == [[int(images[0, 0, 0]), int(images[1, 0, 0])]]
+
+
+def test_classify_with_an_encoded_image_is_handed_to_the_handler_threads(mnist):
+    with running_server() as app:
+        g = gate(app)
+        image = mnist.test.images[3]
+        with grpc.insecure_channel(app.address) as ch:
+            native = dpb_grpc.DigitClassifierStub(ch)
+            raw = native.Classify(dpb.ClassifyRequest(images=[dpb.Image(pixels=image.tobytes())]), timeout=10)
+            enc = native.Classify(dpb.ClassifyRequest(images=[dpb.Image(encoded=png(image)), dpb.Image(pixels=image.tobytes())]), timeout=10)
+        assert enc.predictions[0].digit == enc.predictions[1].digit == raw.predictions[0].digit
+        assert g.threads[0] == "infer-lane" and g.threads[1].startswith("rpc")
+
+
+def test_a_hand_off_refused_by_a_stopped_pool_is_answered_unavailable():
+    from server.native import DigitClassifierServicer
+
+    class Core:  # only what classify_group touches before the hand-off
+        settings = type("S", (), {"max_image_bytes": 1 << 20, "max_image_pixels": 1 << 20})()
+        stats = None
+
+    def offload(*args):
+        raise RuntimeError("cannot schedule new work after shutdown")
+
+    class FakeLane:
+        def __init__(self):
+            self.answers = []
+
+        def hand_off(self, c):
+            self.answers.append("handed off")
+
+        def fail(self, c, code, details):
+            self.answers.append((code, details))
+
+    servicer = DigitClassifierServicer(Core(), offload=offload)
+    call = lane.LaneCall(None, None, None, 0.0)
+    call.message = dpb.ClassifyRequest(images=[dpb.Image(encoded=b"\x89PNG")]).SerializeToString()
+    fake = FakeLane()
+    servicer.classify_group([call], fake)
+    assert fake.answers == ["handed off", (grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")]

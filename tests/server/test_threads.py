@@ -144,9 +144,8 @@ def test_open_streams_never_take_the_threads_of_unary_calls(mnist):
             while stream_threads() < 3 and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert stream_threads() >= 3  # every stream holds a thread of the stream pool
-            for _ in range(5):  # a unary method on the handler threads (ModelInfer is on the lane)
-                one = dpb.ClassifyRequest(images=[dpb.Image(pixels=image.tobytes())])
-                assert len(native.Classify(one, timeout=10).predictions) == 1
+            for _ in range(5):  # a unary method on the handler threads (ModelInfer and Classify are on the lane)
+                assert native.GetModelInfo(dpb.GetModelInfoRequest(), timeout=10).name == "mnist"
             assert app.pool.threads == 1
             req = pb.ModelInferRequest(
                 model_name="mnist",
@@ -191,8 +190,7 @@ def test_handler_threads_end_when_the_server_stops(mnist):
     image = mnist.test.images[0]
     with running_server() as app:
         with grpc.insecure_channel(app.address) as channel:
-            one = dpb.ClassifyRequest(images=[dpb.Image(pixels=image.tobytes())])
-            dpb_grpc.DigitClassifierStub(channel).Classify(one, timeout=10)  # on the handler threads
+            dpb_grpc.DigitClassifierStub(channel).GetModelInfo(dpb.GetModelInfoRequest(), timeout=10)  # on the handler threads
         threads = list(app.pool._lifo_threads)
         assert threads
         app.shutdown("test")
