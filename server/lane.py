@@ -14,7 +14,7 @@ group: the handler decodes each request, and the batcher runs the valid ones tog
 expired deadlines dropped before compute). At concurrency 1 that is a batch of one with no
 hand-off at all; under load, the requests that arrived while a batch ran form the next.
 While the thread answers a group, new calls wait in gRPC core, unread, until it is done: at
-most --max-queue images of work (what a group holds beyond that is refused), plus the batch
+most --max-queue images of work per method (what a group holds beyond that is refused), plus the batch
 another thread (a stream, a handed-off Classify) may be running when the lane needs the model.
 
 The lane talks to grpcio's Cython layer (`grpc._cython.cygrpc`), the layer grpcio's own
