@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 
@@ -60,9 +60,9 @@ def supported(server: grpc.Server) -> bool:
 class LaneCall:
     """One call on the lane: what a handler reads (`message`, `deadline`, `received_ns`) and answers."""
 
-    __slots__ = ("call", "method", "deadline", "arrived", "message", "received_ns", "stage")
+    __slots__ = ("arrived", "call", "deadline", "message", "method", "received_ns", "stage")
 
-    def __init__(self, call, method: "_Method", deadline: float | None, arrived: float) -> None:
+    def __init__(self, call, method: _Method, deadline: float | None, arrived: float) -> None:
         self.call = call
         self.method = method
         self.deadline = deadline  # time.monotonic() seconds, or None
@@ -77,7 +77,7 @@ Handler = Callable[[list[LaneCall], "Lane"], None]
 
 
 class _Method:
-    __slots__ = ("name", "handler", "open")
+    __slots__ = ("handler", "name", "open")
 
     def __init__(self, name: str, handler: Handler) -> None:
         self.name = name
@@ -105,7 +105,7 @@ class Lane:
     ) -> None:
         if not supported(server):
             raise RuntimeError("this grpcio does not offer what the inference lane needs")
-        self._cy = server._cy_server  # noqa: SLF001 - checked by supported()
+        self._cy = server._cy_server  # grpcio's private attribute: checked by supported()
         self._cq = cygrpc.CompletionQueue()
         self._cy.register_completion_queue(self._cq)
         self._methods = [_Method(name, handler) for name, handler in handlers.items()]
@@ -193,7 +193,7 @@ class Lane:
             while True:
                 try:
                     self._take(event, ready)
-                except Exception:  # noqa: BLE001 - one bad event must not end the lane
+                except Exception:  # one bad event must not end the lane
                     log.exception("inference lane: unexpected error handling a gRPC event")
                 event = poll(0)  # everything else that is ready now joins this group
                 if event.completion_type != complete:
@@ -216,7 +216,7 @@ class Lane:
                 return
             try:
                 self._take(event, ready)
-            except Exception:  # noqa: BLE001 - as in the loop
+            except Exception:  # as in the loop
                 log.exception("inference lane: unexpected error handling a gRPC event")
 
     def _take(self, event, ready: list[LaneCall]) -> None:
@@ -271,7 +271,7 @@ class Lane:
             error = None
             try:
                 method.handler(calls, self)
-            except Exception as exc:  # noqa: BLE001 - a handler bug: the calls it left get INTERNAL
+            except Exception as exc:  # a handler bug: the calls it left get INTERNAL
                 log.error("unexpected error in %s", method.name, exc_info=exc)
                 error = type(exc).__name__
             left = [c for c in calls if c.stage == _RECEIVING]

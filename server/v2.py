@@ -21,7 +21,14 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 from server.core import Core
-from server.errors import InvalidArgument, NotFound, abort, grpc_errors, status_and_message, status_of
+from server.errors import (
+    InvalidArgument,
+    NotFound,
+    abort,
+    grpc_errors,
+    status_and_message,
+    status_of,
+)
 
 INPUT = "pixels"
 OUTPUT_NAMES = ("probabilities", "digit")

@@ -14,8 +14,8 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
-
 from helpers.servers import ort_reference, running_server, wait_for
+
 from protos.digits.v1 import digits_pb2 as dpb
 from protos.digits.v1 import digits_pb2_grpc as dpb_grpc
 from protos.inference import grpc_service_pb2 as pb
@@ -175,13 +175,12 @@ def test_bearer_token_is_checked_on_the_lane(tmp_path, mnist):
 
 
 def test_bytes_that_are_not_a_request_get_invalid_argument(mnist):
-    with running_server() as app:
-        with grpc.insecure_channel(app.address) as ch:
-            raw = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-            with pytest.raises(grpc.RpcError) as info:
-                raw(b"\xff\xff\xff", timeout=10)
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "not a valid inference.ModelInferRequest" in info.value.details()
+    with running_server() as app, grpc.insecure_channel(app.address) as ch:
+        raw = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            raw(b"\xff\xff\xff", timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid inference.ModelInferRequest" in info.value.details()
 
 
 def test_an_unexpected_error_is_internal_and_the_lane_keeps_serving(mnist, monkeypatch, caplog):
@@ -238,7 +237,7 @@ def test_a_call_in_flight_on_the_lane_finishes_during_shutdown_and_the_lane_thre
                 assert len(call.result(30)) == 1
         stopper.join(30)
         assert app.stopped.is_set()
-        assert not app.lane._thread.is_alive()  # noqa: SLF001
+        assert not app.lane._thread.is_alive()
 
 
 def test_max_queue_delay_lets_the_lane_gather_calls_into_one_batch(mnist):
@@ -256,7 +255,7 @@ def test_max_queue_delay_lets_the_lane_gather_calls_into_one_batch(mnist):
 
 def test_the_lane_thread_ends_when_the_server_has_stopped(mnist):
     with running_server() as app:
-        thread = app.lane._thread  # noqa: SLF001
+        thread = app.lane._thread
         app.server.stop(0).wait()
         app.lane.stop(timeout=30)  # shuts its queue down, which wakes the thread
         assert not thread.is_alive()
@@ -285,9 +284,9 @@ def test_a_call_that_ends_after_grpc_core_began_its_shutdown_does_not_ask_for_an
     # new requests (its slot may not have seen the refusal yet).
     with running_server() as app:
         app.server.stop(0).wait()
-        method = app.lane._methods[0]  # noqa: SLF001
+        method = app.lane._methods[0]
         method.open = True
-        app.lane._release(lane.LaneCall(None, method, None, 0.0))  # noqa: SLF001 - must not raise
+        app.lane._release(lane.LaneCall(None, method, None, 0.0))  # must not raise
         assert method.open is False
 
 
