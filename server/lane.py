@@ -116,7 +116,7 @@ class Lane:
         # asked for again only when its call has ended: at most that many calls are taken at
         # once (more wait in gRPC core), and every call taken is one the server has accepted,
         # which a graceful shutdown lets finish (gRPC core refuses the ones no slot took).
-        self._slots = max(1, max_calls // max(1, len(self._methods)))
+        self._slots = max(1, max_calls // len(self._methods))
         # --max-queue-delay-us on the lane: after taking what is ready, keep taking calls for
         # up to gather_s, or until max_group calls (--max-batch-size: each carries an image or more).
         self._gather_s = gather_s
@@ -191,10 +191,7 @@ class Lane:
                 return
             ready: list[LaneCall] = []
             while True:
-                try:
-                    self._take(event, ready)
-                except Exception:  # one bad event must not end the lane
-                    log.exception("inference lane: unexpected error handling a gRPC event")
+                self._take_safely(event, ready)
                 event = poll(0)  # everything else that is ready now joins this group
                 if event.completion_type != complete:
                     break
@@ -214,10 +211,13 @@ class Lane:
             event = self._cq.poll(time.time() + left)
             if event.completion_type != complete:
                 return
-            try:
-                self._take(event, ready)
-            except Exception:  # as in the loop
-                log.exception("inference lane: unexpected error handling a gRPC event")
+            self._take_safely(event, ready)
+
+    def _take_safely(self, event, ready: list[LaneCall]) -> None:
+        try:
+            self._take(event, ready)
+        except Exception:  # one bad event must not end the lane
+            log.exception("inference lane: unexpected error handling a gRPC event")
 
     def _take(self, event, ready: list[LaneCall]) -> None:
         tag = event.tag
@@ -261,12 +261,9 @@ class Lane:
     def _answer(self, ready: list[LaneCall]) -> None:
         self.groups += 1
         self.calls += len(ready)
-        if len(self._methods) == 1:
-            groups = {self._methods[0]: ready}
-        else:
-            groups = {}
-            for c in ready:
-                groups.setdefault(c.method, []).append(c)
+        groups: dict[_Method, list[LaneCall]] = {}
+        for c in ready:
+            groups.setdefault(c.method, []).append(c)
         for method, calls in groups.items():
             error = None
             try:

@@ -252,6 +252,15 @@ def encode_infer_bytes(model_name: str, version: str, request_id: str, probs: np
     return b"".join((head, rid, outputs, probs_header, _le_bytes(probs, "<f4"), digits_header, _le_bytes(digits, "<i8")))
 
 
+def response_bytes(decoded: DecodedRequest, result) -> bytes:
+    """The serialized ModelInferResponse for `result` (a batcher Result): written directly in
+    the common case, through protobuf when the request chose its outputs."""
+    model = result.tag
+    if decoded.outputs is OUTPUT_NAMES:
+        return encode_infer_bytes(model.name, model.version, decoded.request_id, result.probabilities, result.digits)
+    return encode_infer(model.name, model.version, decoded, result.probabilities, result.digits).SerializeToString()
+
+
 def serialize_response(response) -> bytes:
     """ModelInfer's response serializer: the fast path already returns bytes."""
     return response if type(response) is bytes else response.SerializeToString()
@@ -366,11 +375,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             t1 = now()
             result = self.core.classify(decoded.pixels, context.time_remaining(), lambda: not context.is_active())
             t2 = now()
-            model = result.tag
-            if decoded.outputs is OUTPUT_NAMES:
-                response = encode_infer_bytes(model.name, model.version, decoded.request_id, result.probabilities, result.digits)
-            else:
-                response = encode_infer(model.name, model.version, decoded, result.probabilities, result.digits)
+            response = response_bytes(decoded, result)
             t3 = now()
             self.core.stats.record_ok("v2", t3 - t0, t1 - t0, t3 - t2, int(result.queue_s * 1e9), int(result.compute_s * 1e9))
             return response
@@ -420,11 +425,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 lane.fail(c, *status_and_message(result, "ModelInfer"))
                 return
             t2 = now()
-            model = result.tag
-            if decoded.outputs is OUTPUT_NAMES:
-                body = encode_infer_bytes(model.name, model.version, decoded.request_id, result.probabilities, result.digits)
-            else:
-                body = encode_infer(model.name, model.version, decoded, result.probabilities, result.digits).SerializeToString()
+            body = response_bytes(decoded, result)
             t3 = now()
             stats.record_ok("v2", t3 - t0, t1 - t0, t3 - t2, int(result.queue_s * 1e9), int(result.compute_s * 1e9))
             lane.reply(c, body)
