@@ -1,1 +1,1 @@
-"""Benchmarks against the transport and compute floors (see DESIGN.md)."""
+"""Benchmarks against the transport and compute floors (see docs/design.md)."""

@@ -9,8 +9,8 @@ variant's median per-round ratio to the floor, and its median per-round ratio to
 variant: on this noisy machine, a difference no larger than the spread between rounds is
 not a difference.
 
-    python -m bench.ab --rounds 5 --seconds 2 "before=HEAD~1" "after=."
-    python -m bench.ab "four=. --handler-threads 4" "sixteen=. --handler-threads 16"
+    python -m mnist_edge.bench.ab --rounds 5 --seconds 2 "before=HEAD~1" "after=."
+    python -m mnist_edge.bench.ab "four=. --handler-threads 4" "sixteen=. --handler-threads 16"
 """
 
 from __future__ import annotations
@@ -100,10 +100,10 @@ def remove(trees: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench import loadgen
-    from bench import run as br
+    from mnist_edge.bench import loadgen
+    from mnist_edge.bench import run as br
 
-    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m mnist_edge.bench.ab", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("variants", nargs="+", type=parse_variant, metavar="NAME=REV [FLAGS...]")
     p.add_argument("--rounds", type=int, default=5)
@@ -158,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args, argv: list[str], levels: list[int], rows: dict[tuple[str, int], list[dict]]) -> str:
-    from bench.run import median_of, median_ratio
+    from mnist_edge.bench.run import median_of, median_ratio
 
     first = args.variants[0].name
-    lines = [f"`python -m bench.ab {' '.join(shlex.quote(a) for a in argv)}`", "",
+    lines = [f"`python -m mnist_edge.bench.ab {' '.join(shlex.quote(a) for a in argv)}`", "",
              f"{args.rounds} interleaved rounds, {'ModelInfer' if args.api == 'v2' else 'native Classify'}, {args.images} image(s) per request; medians over rounds; ratios are medians of per-round ratios.", ""]
     for v in args.variants:
         lines.append(f"- {v.name}: {'the working tree' if v.rev == '.' else 'revision ' + v.rev}{' with ' + ' '.join(v.args) if v.args else ''}")

@@ -14,7 +14,7 @@ Stages (each a server of its own, pinned to CPU 0; the load generator on CPU 1):
 
 Every stage gets a fresh server for each concurrency level, so in-server timings are per level.
 
-    python -m bench.anatomy --rounds 5 --seconds 1 --concurrency 1,64
+    python -m mnist_edge.bench.anatomy --rounds 5 --seconds 1 --concurrency 1,64
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ def call_after(runner, pixels: np.ndarray, rounds: int = 1000) -> dict[str, floa
 def serve(argv: list[str]) -> int:
     import grpc
 
-    from bench.floor import serve_until_signal
-    from protos.inference import grpc_service_pb2 as pb
-    from server import model_store
-    from server.threads import LifoThreadPool
-    from server.v2 import encode_infer_bytes
+    from mnist_edge.bench.floor import serve_until_signal
+    from mnist_edge.protos.inference import grpc_service_pb2 as pb
+    from mnist_edge.server import model_store
+    from mnist_edge.server.threads import LifoThreadPool
+    from mnist_edge.server.v2 import encode_infer_bytes
 
-    p = argparse.ArgumentParser(prog="python -m bench.anatomy serve")
+    p = argparse.ArgumentParser(prog="python -m mnist_edge.bench.anatomy serve")
     p.add_argument("--stage", choices=STAGES, required=True)
     p.add_argument("--model", default=None, help="models directory (default: the shipped model)")
     p.add_argument("--address", default="127.0.0.1:0")
@@ -91,9 +91,9 @@ def serve(argv: list[str]) -> int:
         return encode_infer_bytes(request.model_name, "1", request.id, probs, digits)
 
     if args.stage == "handler":
-        from server.core import Core, State
-        from server.settings import Settings
-        from server.v2 import InferenceServicer, model_infer_handler
+        from mnist_edge.server.core import Core, State
+        from mnist_edge.server.settings import Settings
+        from mnist_edge.server.v2 import InferenceServicer, model_infer_handler
 
         core = Core(Settings())
         core.set_model(model_store.load(args.model))
@@ -119,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
-    from bench import loadgen
-    from bench import run as br
+    from mnist_edge.bench import loadgen
+    from mnist_edge.bench import run as br
 
-    p = argparse.ArgumentParser(prog="python -m bench.anatomy", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mnist_edge.bench.anatomy", description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=1.0)
     p.add_argument("--concurrency", default="1,64")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     servers = {
         "floor": br.floor_cmd(),
-        **{s: [py, "-m", "bench.anatomy", "serve", "--stage", s] + (["--model", args.model] if args.model else []) for s in STAGES},
+        **{s: [py, "-m", "mnist_edge.bench.anatomy", "serve", "--stage", s] + (["--model", args.model] if args.model else []) for s in STAGES},
         "server": br.server_cmd(cfg) + (["--model", args.model] if args.model else []),
     }
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     proc.stop()
                 if name == "model":
                     model_log.append(f"c={c}: " + port_file.with_suffix(".log").read_text().strip().splitlines()[-1])
-    lines = [f"`python -m bench.anatomy {' '.join(shlex.quote(a) for a in argv)}` ({args.rounds} interleaved rounds; medians of per-round ratios to the floor)", ""]
+    lines = [f"`python -m mnist_edge.bench.anatomy {' '.join(shlex.quote(a) for a in argv)}` ({args.rounds} interleaved rounds; medians of per-round ratios to the floor)", ""]
     for c in levels:
         lines += [f"c={c}", "", "| stage | p50 us | p50 / floor | req/s | req/s / floor | server CPU us/req | over the floor | errors |", "|---|---|---|---|---|---|---|---|"]
         floor = rows[("floor", c)]

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import perf_analyzer
-from bench.run import BenchConfig, run, write
+from mnist_edge.bench import perf_analyzer
+from mnist_edge.bench.run import BenchConfig, run, write
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -5,7 +5,7 @@ one unary method and one bidirectional stream that return the request bytes unch
 (identity serializers: no protobuf at all). Whatever mnist-edge costs above this is
 the price of parsing, validation, batching, the model and the response.
 
-    python -m bench.floor --address 127.0.0.1:0 --port-file /tmp/floor.port
+    python -m mnist_edge.bench.floor --address 127.0.0.1:0 --port-file /tmp/floor.port
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def create_server(address: str = "127.0.0.1:0", threads: int = 64) -> tuple[grpc
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mnist_edge.bench.floor", description=__doc__.splitlines()[0])
     p.add_argument("--address", default="127.0.0.1:0")
     p.add_argument("--port-file", default=None)
     p.add_argument("--threads", type=int, default=64, help="thread pool size (a stock ThreadPoolExecutor, as reference servers run it)")

@@ -1,4 +1,4 @@
-"""How big and how heavy is a server-only install? `python -m bench.footprint --out DIR`.
+"""How big and how heavy is a server-only install? `python -m mnist_edge.bench.footprint --out DIR`.
 
 Measured in one run, from a fresh virtual environment installed the way a device installs
 (`pip install --no-index --find-links WHEELHOUSE mnist-edge`, no extras):
@@ -202,7 +202,7 @@ def start_server(venv: Path, tmp: Path, tag: str, extra_env: dict[str, str] | No
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from bench.loadgen import spawn_pinned
+    from mnist_edge.bench.loadgen import spawn_pinned
 
     port_file, log_path = tmp / f"{tag}.port", tmp / f"{tag}.log"
     port_file.unlink(missing_ok=True)
@@ -241,7 +241,7 @@ class Payloads:
     """Pre-serialized ModelInferRequest bytes of the first n test images, per n."""
 
     def __init__(self, images):
-        from bench.run import infer_payload
+        from mnist_edge.bench.run import infer_payload
 
         self.images, self._make, self._cache = images, infer_payload, {}
 
@@ -260,7 +260,7 @@ def drive(address: str, payloads: Payloads, sizes: list[int], concurrency: int) 
     """Send every size once, `concurrency` callers at a time (sync gRPC, identity serializers)."""
     import grpc
 
-    from bench import loadgen
+    from mnist_edge.bench import loadgen
 
     it, lock = iter(sizes), threading.Lock()
     errors: dict[str, int] = {}
@@ -386,7 +386,7 @@ class Baseline:
     """The bare process: grpc + numpy + onnxruntime and one session of the same file."""
 
     def __init__(self, venv: Path, model: Path, opts: dict | None = None) -> None:
-        from bench.loadgen import spawn_pinned
+        from mnist_edge.bench.loadgen import spawn_pinned
 
         self.p = spawn_pinned([str(venv / "bin" / "python"), "-c", BASELINE, str(model), json.dumps(opts or {})], SERVER_CPU,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=clean_env(), cwd=venv)
@@ -432,7 +432,7 @@ def _run_json(venv: Path, code: str, *args: str, env: dict | None = None) -> Any
 
 def latency(address: str, payloads: Payloads, seconds: float = 1.5) -> dict[str, float]:
     """p50 of single-image and 256-image ModelInfer, one caller (the per-request cost of a setting)."""
-    from bench import loadgen
+    from mnist_edge.bench import loadgen
 
     out = {}
     for n in (1, 256):
@@ -498,7 +498,7 @@ def cold_start(cfg: FootprintConfig, venv: Path, tmp: Path) -> dict[str, Any]:
 
 def pinned(cfg: FootprintConfig, venv: Path, tmp: Path, payloads: Payloads) -> dict[str, Any]:
     """Single-image ModelInfer, server on CPU 0, load generator (this process) on CPU 1."""
-    from bench import loadgen
+    from mnist_edge.bench import loadgen
 
     server = start_server(venv, tmp, "pinned")
     old = os.sched_getaffinity(0)
@@ -617,7 +617,7 @@ def run(cfg: FootprintConfig, log=print) -> dict[str, Any]:
     }
     model = shipped_model(site)
     result["model"] = {"file": model.name, "bytes": model.stat().st_size}
-    from training import data as mnist_data
+    from mnist_edge.training import data as mnist_data
 
     payloads = Payloads(mnist_data.load_test(offline=True).images)
     with tempfile.TemporaryDirectory(prefix="footprint-") as t:
@@ -702,7 +702,7 @@ def write(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     d = FootprintConfig()
-    p = argparse.ArgumentParser(prog="python -m bench.footprint", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m mnist_edge.bench.footprint", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=d.out_dir, help="directory for footprint.json, footprint.md and the venv")
     p.add_argument("--wheelhouse", type=Path, default=None, help="wheels to install from (default: MNIST_EDGE_WHEELHOUSE or <repo>/wheelhouse)")
     p.add_argument("--venv", type=Path, default=None, help="where to create the fresh venv (default: OUT/venv; recreated)")

@@ -7,7 +7,7 @@ bench --minimal` measures it next to the floor and mnist-edge, so the cost of mn
 features is the distance between it and this, and the cost of "protobuf + the model" is the
 distance between this and the floor.
 
-    python -m bench.minimal --address 127.0.0.1:0 --port-file /tmp/minimal.port
+    python -m mnist_edge.bench.minimal --address 127.0.0.1:0 --port-file /tmp/minimal.port
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import sys
 
 import numpy as np
 
-from bench.floor import serve_until_signal, sync_server
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from server import model_store
-from server.runner import ModelRunner
+from mnist_edge.bench.floor import serve_until_signal, sync_server
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.server import model_store
+from mnist_edge.server.runner import ModelRunner
 
 
 class MinimalServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -41,7 +41,7 @@ class MinimalServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.minimal", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mnist_edge.bench.minimal", description=__doc__.splitlines()[0])
     p.add_argument("--address", default="127.0.0.1:0")
     p.add_argument("--port-file", default=None)
     p.add_argument("--threads", type=int, default=64, help="thread pool size (a stock ThreadPoolExecutor, as reference servers run it)")

@@ -1,6 +1,6 @@
 """The benchmark: mnist-edge against its floors, measured in the same run.
 
-Floors (DESIGN.md "Where performance is measured"):
+Floors (docs/design.md "Where performance is measured"):
 - transport floor: bench.floor, a sync grpc.server echoing the same request bytes;
 - compute floor: a bare onnxruntime `session.run` in-process.
 
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from bench import floor as floor_mod
-from bench import loadgen
-from bench import perf_analyzer as pa_mod
+from mnist_edge.bench import floor as floor_mod
+from mnist_edge.bench import loadgen
+from mnist_edge.bench import perf_analyzer as pa_mod
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 CLASSIFY = "/digits.v1.DigitClassifier/Classify"
@@ -122,15 +122,15 @@ def server_cmd(cfg: BenchConfig, address: str = "127.0.0.1:0") -> list[str]:
 
 
 def floor_cmd() -> list[str]:
-    return [sys.executable, "-m", "bench.floor", "--address", "127.0.0.1:0"]
+    return [sys.executable, "-m", "mnist_edge.bench.floor", "--address", "127.0.0.1:0"]
 
 
 def minimal_cmd() -> list[str]:
-    return [sys.executable, "-m", "bench.minimal", "--address", "127.0.0.1:0"]
+    return [sys.executable, "-m", "mnist_edge.bench.minimal", "--address", "127.0.0.1:0"]
 
 
 def infer_payload(images: np.ndarray) -> bytes:
-    from protos.inference import grpc_service_pb2 as pb
+    from mnist_edge.protos.inference import grpc_service_pb2 as pb
 
     return pb.ModelInferRequest(
         model_name="mnist",
@@ -145,7 +145,7 @@ def stream_payload(image: np.ndarray) -> bytes:
 
 def classify_payload(images: np.ndarray) -> bytes:
     """A native ClassifyRequest carrying `images` (uint8 [N,28,28]) as raw pixels."""
-    from protos.digits.v1 import digits_pb2 as pb
+    from mnist_edge.protos.digits.v1 import digits_pb2 as pb
 
     return pb.ClassifyRequest(images=[pb.Image(pixels=np.ascontiguousarray(im, dtype=np.uint8).tobytes()) for im in images]).SerializeToString()
 
@@ -153,8 +153,8 @@ def classify_payload(images: np.ndarray) -> bytes:
 def batch_counters(address: str) -> tuple[int, int]:
     import grpc
 
-    from protos.inference import grpc_service_pb2 as pb
-    from protos.inference import grpc_service_pb2_grpc as pb_grpc
+    from mnist_edge.protos.inference import grpc_service_pb2 as pb
+    from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(address) as ch:
         s = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name="mnist"), timeout=10).model_stats[0]
@@ -163,7 +163,7 @@ def batch_counters(address: str) -> tuple[int, int]:
 
 def compute_floor(model_file: Path, images: np.ndarray, runs: int = 30) -> dict[str, float]:
     """Bare session.run in this process, pinned to the servers' CPU for the measurement."""
-    from server.runner import ModelRunner
+    from mnist_edge.server.runner import ModelRunner
 
     old = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     if old is not None and SERVER_CPU < (os.cpu_count() or 1):
@@ -242,8 +242,8 @@ def median_ratio(rows: list[dict[str, Any]], base: list[dict[str, Any]], key: st
 
 
 def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
-    from server import model_store
-    from training import data as mnist_data
+    from mnist_edge.server import model_store
+    from mnist_edge.training import data as mnist_data
 
     loadgen.pin_to(LOADGEN_CPU)
     tmp = cfg.out_dir / "tmp"

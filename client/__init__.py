@@ -4,6 +4,6 @@ Deliberately not importing the Open Inference Protocol modules: they define the
 protobuf package `inference`, as tritonclient does, and the two cannot share a process.
 """
 
-from client.client import ClientError, DigitClient, Prediction
+from mnist_edge.client.client import ClientError, DigitClient, Prediction
 
 __all__ = ["ClientError", "DigitClient", "Prediction"]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.client import ClientError, DigitClient, Prediction, add_connection_args, connection_kwargs
-from imaging.idx import IdxError, parse_idx
+from mnist_edge.client.client import ClientError, DigitClient, Prediction, add_connection_args, connection_kwargs
+from mnist_edge.imaging.idx import IdxError, parse_idx
 
 SHADES = " .:-=+*#%@"
 

@@ -4,7 +4,7 @@ Needs grpcio, protobuf and numpy only: no onnxruntime, no torch, and not the
 Open Inference Protocol modules (they would clash with tritonclient's copies of
 the same protobuf package in a user's process).
 
-    from client import DigitClient
+    from mnist_edge.client import DigitClient
     with DigitClient("127.0.0.1:50051") as c:
         for p in c.classify([open("seven.png", "rb").read()]):
             print(p.digit, p.confidence)
@@ -25,8 +25,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.digits.v1 import digits_pb2 as pb
-from protos.digits.v1 import digits_pb2_grpc as pb_grpc
+from mnist_edge.protos.digits.v1 import digits_pb2 as pb
+from mnist_edge.protos.digits.v1 import digits_pb2_grpc as pb_grpc
 
 SERVICE = "digits.v1.DigitClassifier"
 

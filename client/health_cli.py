@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from client.client import ClientError, DigitClient, add_connection_args, connection_kwargs
+from mnist_edge.client.client import ClientError, DigitClient, add_connection_args, connection_kwargs
 
 
 def main(argv: list[str] | None = None) -> int:

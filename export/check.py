@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from export.verify import Budgets, Check, GateResult, _check, ort_predict
+from mnist_edge.export.verify import Budgets, Check, GateResult, _check, ort_predict
 
 MANIFEST = "manifest.json"
 
@@ -72,7 +72,7 @@ def run(models_dir: Path, budgets: Budgets, *, data_dir: str | None = None, offl
         got = ort_predict(data, images).digits
         wrong = int((got != digits).sum())
         gate.checks.append(_check(f"{kind}: golden images misclassified", wrong, "<=", 0, f"{len(digits)} images"))
-    from training import data as mnist_data
+    from mnist_edge.training import data as mnist_data
 
     test = mnist_data.load(data_dir, offline=offline).test
     labels = test.labels.astype(np.int64)

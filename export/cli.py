@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from export.verify import Budgets
+from mnist_edge.export.verify import Budgets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     budgets = Budgets(min_accuracy=args.min_accuracy, max_drop=args.max_drop, min_agreement=args.min_agreement)
     if args.check is not None:
-        from export import check
+        from mnist_edge.export import check
 
         return check.main(args.check, budgets, data_dir=args.data_dir, offline=args.offline)
     if args.checkpoint is None or args.version is None:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.checkpoint.is_file():
         print(f"mnist-edge export: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
         return 2
-    from export.pipeline import ExportConfig, run
+    from mnist_edge.export.pipeline import ExportConfig, run
 
     cfg = ExportConfig(
         checkpoint=args.checkpoint,

@@ -1,6 +1,6 @@
 """models/: content-addressed ONNX files and manifest.json, published atomically.
 
-Publishing order (DESIGN.md): model files, then the signature, then the manifest,
+Publishing order (docs/design.md): model files, then the signature, then the manifest,
 each by temp file + fsync + rename, then an fsync of the directory. A reader that
 trusts only manifest.json therefore never sees a manifest that names a file that is
 not yet complete. The manifest holds no timestamps or timings, so exporting the same
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from training.data import atomic_write
+from mnist_edge.training.data import atomic_write
 
 SCHEMA_VERSION = 1
 MODEL_NAME = "mnist"

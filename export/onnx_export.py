@@ -1,4 +1,4 @@
-"""PyTorch checkpoint -> fp32 ONNX with the public contract of DESIGN.md.
+"""PyTorch checkpoint -> fp32 ONNX with the public contract of docs/design.md.
 
 The graph takes `pixels` uint8 [N, 28, 28] (N dynamic) and returns `probabilities`
 float32 [N, 10] (softmax) and `digit` int64 [N] (argmax); the pixel normalisation

@@ -29,9 +29,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from export import manifest as mf
-from export import report as rpt
-from export.verify import (
+from mnist_edge.export import manifest as mf
+from mnist_edge.export import report as rpt
+from mnist_edge.export.verify import (
     Budgets,
     GateResult,
     Predictions,
@@ -119,7 +119,7 @@ def _attempt_record(name: str, qcfg, gate: GateResult, labels: np.ndarray, fp32:
 
 
 def _ladder(base) -> list[tuple[str, Any]]:
-    from export.quantize import Calibration
+    from mnist_edge.export.quantize import Calibration
 
     return [
         ("minmax", replace(base, calibration=Calibration.MINMAX)),
@@ -132,10 +132,10 @@ def run(cfg: ExportConfig, log: Callable[[str], None] = print, quantizer: Callab
     """Export, gate and (if it passes) publish. `quantizer` replaces export.quantize.quantize in tests."""
     import onnx
 
-    from export import onnx_export
-    from export import quantize as q
-    from training import data as mnist_data
-    from training.train import load_checkpoint
+    from mnist_edge.export import onnx_export
+    from mnist_edge.export import quantize as q
+    from mnist_edge.training import data as mnist_data
+    from mnist_edge.training.train import load_checkpoint
 
     quantize_fn = quantizer or q.quantize
     report: dict[str, Any] = {
@@ -284,8 +284,8 @@ def run(cfg: ExportConfig, log: Callable[[str], None] = print, quantizer: Callab
             ),
         }
         # An ORT-format copy for onnxruntime minimal builds; it must give exactly the int8 model's digits.
-        from export.ort_format import to_ort
-        from export.ort_format import verify as verify_ort
+        from mnist_edge.export.ort_format import to_ort
+        from mnist_edge.export.ort_format import verify as verify_ort
 
         ort_bytes = to_ort(int8_bytes)
         report["ort_format"] = verify_ort(ort_bytes, int8_bytes, test_images)
@@ -318,7 +318,7 @@ def run(cfg: ExportConfig, log: Callable[[str], None] = print, quantizer: Callab
         manifest_bytes = mf.dumps(manifest)
         signature = None
         if cfg.sign_key is not None:
-            from export.signing import sign
+            from mnist_edge.export.signing import sign
 
             signature = sign(manifest_bytes, cfg.sign_key)
         mf.publish(

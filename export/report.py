@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from training.data import atomic_write
+from mnist_edge.training.data import atomic_write
 
 
 def _font(size: int = 11) -> ImageFont.ImageFont:

@@ -118,7 +118,7 @@ def ort_predict(model: str | os.PathLike | bytes, images: np.ndarray, batch: int
 def torch_predict(mlp, images: np.ndarray, batch: int = 2000) -> Predictions:
     import torch
 
-    from export.onnx_export import Classifier
+    from mnist_edge.export.onnx_export import Classifier
 
     model = Classifier(mlp).eval()
     probs, digits = [], []

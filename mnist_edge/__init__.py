@@ -1,3 +1,3 @@
 """mnist-edge: MNIST from PyTorch training to an int8 ONNX model served over gRPC."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -12,13 +12,13 @@ import sys
 
 # subcommand -> (module with `main(argv) -> int`, extra it needs, one-line help)
 COMMANDS: dict[str, tuple[str, str | None, str]] = {
-    "train": ("training.train", "train", "train the MLP on MNIST and write a checkpoint"),
-    "export": ("export.cli", "train", "export a checkpoint to ONNX fp32 + int8, gate it, write models/"),
-    "serve": ("server.cli", None, "serve a model over gRPC (Open Inference Protocol + native API)"),
-    "keygen": ("export.signing", "sign", "make an Ed25519 key pair for signing models"),
-    "classify": ("client.cli", None, "classify image or IDX files through a running server"),
-    "health": ("client.health_cli", None, "check a server's health (exit 0 only when SERVING)"),
-    "bench": ("bench.cli", None, "benchmark the server against the transport and compute floors"),
+    "train": ("mnist_edge.training.train", "train", "train the MLP on MNIST and write a checkpoint"),
+    "export": ("mnist_edge.export.cli", "train", "export a checkpoint to ONNX fp32 + int8, gate it, write models/"),
+    "serve": ("mnist_edge.server.cli", None, "serve a model over gRPC (Open Inference Protocol + native API)"),
+    "keygen": ("mnist_edge.export.signing", "sign", "make an Ed25519 key pair for signing models"),
+    "classify": ("mnist_edge.client.cli", None, "classify image or IDX files through a running server"),
+    "health": ("mnist_edge.client.health_cli", None, "check a server's health (exit 0 only when SERVING)"),
+    "bench": ("mnist_edge.bench.cli", None, "benchmark the server against the transport and compute floors"),
 }
 
 # Modules whose absence means an optional extra is not installed.

@@ -1,6 +1,6 @@
 """Protocol buffer sources and the Python modules generated from them.
 
-Regenerate with ``python -m protos.generate``; ``--check`` reports drift.
+Regenerate with ``python -m mnist_edge.protos.generate``; ``--check`` reports drift.
 
 This module stays empty on purpose: importing ``protos`` must not load any
 generated module. In particular ``protos.inference`` registers the protobuf

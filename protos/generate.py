@@ -1,14 +1,18 @@
 """Regenerate the Python modules under ``protos/`` from the ``.proto`` sources.
 
-    python -m protos.generate           write the generated files into protos/
-    python -m protos.generate --check   regenerate into a temporary directory and
-                                        exit 1, listing the files, if the
-                                        committed ones differ (drift)
+    python -m mnist_edge.protos.generate          write the generated files into protos/
+    python -m mnist_edge.protos.generate --check  regenerate into a temporary folder and
+                                                  exit 1, listing the files, if the
+                                                  committed ones differ (drift)
 
-Works from any current directory. protoc (from grpcio-tools) runs with the
-repository root as its only project include path, so a proto imports another
-as ``import "protos/inference/model_config.proto";`` and the generated Python
-imports it as ``protos.inference.model_config_pb2``. For every ``.proto`` file
+Works from any current directory. The repository's protos/ folder is the Python
+package ``mnist_edge.protos``, so protoc (from grpcio-tools) runs on an include
+root where protos/ appears as ``mnist_edge/protos`` (a symlink in a temporary
+folder): a proto imports another as
+``import "mnist_edge/protos/inference/model_config.proto";`` and the generated
+Python imports it as ``mnist_edge.protos.inference.model_config_pb2``. Protobuf
+packages and service names (``inference``, ``digits.v1``) do not depend on
+this. For every ``.proto`` file
 under protos/ it writes ``*_pb2.py`` and ``*_pb2.pyi``, plus ``*_pb2_grpc.py``
 when the file declares a service. Generated files that no longer have a source
 are deleted (or, with ``--check``, reported).
@@ -69,10 +73,14 @@ def _well_known_include() -> str:
     return str(Path(grpc_tools.__file__).resolve().parent / "_proto")
 
 
-def _protoc(args: list[str], root: Path) -> None:
+# Where protos/ sits under protoc's include root: the package path of the generated modules.
+PACKAGE_PREFIX = "mnist_edge/"
+
+
+def _protoc(args: list[str], include_root: Path) -> None:
     cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "-I", _well_known_include(), *args]
     # Relative source paths and a fixed cwd keep absolute paths out of the output.
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=include_root, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(
             f"protoc failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
@@ -95,15 +103,19 @@ def render(root: Path = REPO_ROOT) -> dict[str, bytes]:
         raise RuntimeError(f"no .proto files under {root / 'protos'}")
     with tempfile.TemporaryDirectory(prefix="protos-gen-") as tmp:
         work = Path(tmp)
+        include_root = work / "src"
+        (include_root / PACKAGE_PREFIX).mkdir(parents=True)
+        (include_root / PACKAGE_PREFIX / "protos").symlink_to((root / "protos").resolve(), target_is_directory=True)
+        sources = [PACKAGE_PREFIX + s for s in sources]
         out = work / "out"
         out.mkdir()
-        _protoc([f"--python_out={out}", f"--pyi_out={out}", *sources], root)
-        with_services = _sources_with_services(sources, root, work)
+        _protoc([f"--python_out={out}", f"--pyi_out={out}", *sources], include_root)
+        with_services = _sources_with_services(sources, include_root, work)
         if with_services:
-            _protoc([f"--grpc_python_out={out}", *with_services], root)
+            _protoc([f"--grpc_python_out={out}", *with_services], include_root)
         files = {
-            p.relative_to(out).as_posix(): p.read_bytes()
-            for p in sorted(out.rglob("*"))
+            p.relative_to(out / PACKAGE_PREFIX).as_posix(): p.read_bytes()
+            for p in sorted((out / PACKAGE_PREFIX).rglob("*"))
             if p.is_file()
         }
     unexpected = sorted(name for name in files if not (name.startswith("protos/") and is_generated(name)))
@@ -163,7 +175,7 @@ def _version_note() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m protos.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mnist_edge.protos.generate", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--check",
         action="store_true",
@@ -181,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 "protos: generated files are out of date with the .proto sources:\n"
                 + "\n".join(problems)
-                + "\nrun `python -m protos.generate` and commit the result."
+                + "\nrun `python -m mnist_edge.protos.generate` and commit the result."
                 + _version_note(),
                 file=sys.stderr,
             )

@@ -1,6 +1,6 @@
 """`create_server(settings) -> App`: every API on one port, and the lifecycle.
 
-Lifecycle (DESIGN.md): the port opens first with readiness NOT_SERVING and inference
+Lifecycle (docs/design.md): the port opens first with readiness NOT_SERVING and inference
 UNAVAILABLE; the model is loaded, verified (sha256, golden images) and warmed up in
 the background; then readiness SERVING. `shutdown()`: readiness NOT_SERVING at once,
 new calls still served for `drain_delay_s`, then refused with UNAVAILABLE while calls
@@ -24,14 +24,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mnist_edge import __version__
-from protos.digits.v1 import digits_pb2, digits_pb2_grpc
-from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from server import lane, logs, model_store, threads, v2
-from server.core import Core, State
-from server.model_store import LoadedModel
-from server.native import DigitClassifierServicer
-from server.settings import Settings
-from server.v2 import InferenceServicer
+from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
+from mnist_edge.protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from mnist_edge.server import lane, logs, model_store, threads, v2
+from mnist_edge.server.core import Core, State
+from mnist_edge.server.model_store import LoadedModel
+from mnist_edge.server.native import DigitClassifierServicer
+from mnist_edge.server.settings import Settings
+from mnist_edge.server.v2 import InferenceServicer
 
 Loader = Callable[[Settings], LoadedModel]
 
@@ -46,7 +46,7 @@ CLASSIFY = f"/{NATIVE_SERVICE}/Classify"
 def default_loader(settings: Settings, min_version: int | None = None) -> LoadedModel:
     keys = None
     if settings.trusted_key_files:
-        from server.signing import load_public_keys
+        from mnist_edge.server.signing import load_public_keys
 
         keys = load_public_keys(settings.trusted_key_files)
     return model_store.load(settings.model, settings.precision, settings.intra_op_threads, trusted_keys=keys, min_version=min_version)
@@ -124,7 +124,7 @@ class App:
         interceptors = []
         token = None
         if settings.token_file:
-            from server.auth import TokenInterceptor, read_token
+            from mnist_edge.server.auth import TokenInterceptor, read_token
 
             try:
                 token = TokenInterceptor(read_token(settings.token_file))
@@ -222,13 +222,13 @@ class App:
             self.health.set(name, status)
 
     def metrics_snapshot(self) -> dict:
-        from server.metrics import snapshot
+        from mnist_edge.server.metrics import snapshot
 
         return snapshot(self.core.stats, self.core.model, self.core.ready, self.core.batcher.queued_images)
 
     def start(self, background_load: bool = True) -> "App":
         if self.settings.metrics_address:
-            from server.metrics import start_http
+            from mnist_edge.server.metrics import start_http
 
             try:
                 self._metrics_httpd, self.metrics_address = start_http(self.settings.metrics_address, self.metrics_snapshot)

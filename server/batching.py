@@ -1,6 +1,6 @@
 """Dynamic batching with no batching thread: the caller that finds the batcher idle runs.
 
-Policy (DESIGN.md "Processes and speed"):
+Policy (docs/design.md "Processes and speed"):
 - a request runs at once when the batcher is idle: the calling thread itself runs the
   model, so an unloaded server adds no thread hand-off to a call;
 - requests that arrive while a batch runs wait in a FIFO queue; when the batch ends,
@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
+from mnist_edge.server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 
 RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 

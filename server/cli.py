@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from server import logs, settings as settings_mod
+from mnist_edge.server import logs, settings as settings_mod
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_mod.from_args(argv)
     logs.setup(settings.log_format, settings.log_level)
     if settings.workers > 1:
-        from server import workers
+        from mnist_edge.server import workers
 
         return workers.run(settings)
-    from server.app import App, BindError
+    from mnist_edge.server.app import App, BindError
 
     try:
         app = App(settings)

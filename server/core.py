@@ -13,11 +13,11 @@ from typing import Callable
 
 import numpy as np
 
-from server.batching import Batcher, Result
-from server.errors import NotFound, Unavailable
-from server.model_store import LoadedModel
-from server.settings import Settings
-from server.stats import Statistics
+from mnist_edge.server.batching import Batcher, Result
+from mnist_edge.server.errors import NotFound, Unavailable
+from mnist_edge.server.model_store import LoadedModel
+from mnist_edge.server.settings import Settings
+from mnist_edge.server.stats import Statistics
 
 
 class State(str, enum.Enum):

@@ -33,7 +33,7 @@ import socket
 import threading
 from typing import Any, Callable, Iterable
 
-from server.stats import Statistics
+from mnist_edge.server.stats import Statistics
 
 # A snapshot is a plain dict, so worker processes can send theirs to the parent and be summed.
 Snapshot = dict[str, Any]

@@ -1,6 +1,6 @@
 """Find, verify and load the model a server serves.
 
-The manifest is the only file trusted (DESIGN.md): every model file it names is
+The manifest is the only file trusted (docs/design.md): every model file it names is
 checked against its size and sha256, and the model must classify the manifest's
 golden images as recorded before it may serve. A failure raises ModelLoadError
 with a sentence saying what did not match.
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from server.runner import ModelRunner
+from mnist_edge.server.runner import ModelRunner
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.json.sig"
@@ -102,7 +102,7 @@ def _read_signed(mpath: Path, trusted_keys: list) -> tuple[dict[str, Any], bytes
     A publisher writes the signature before the manifest, so a reader can catch the two
     out of step for a moment: on a mismatch, read both once more before refusing.
     """
-    from server.signing import SignatureError, verify
+    from mnist_edge.server.signing import SignatureError, verify
 
     for attempt in (1, 2):
         raw = mpath.read_bytes()

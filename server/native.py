@@ -17,12 +17,12 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from imaging.normalize import ImageError, ImageLimits, normalize_encoded
-from protos.digits.v1 import digits_pb2 as pb
-from protos.digits.v1 import digits_pb2_grpc as pb_grpc
-from server.batching import Result
-from server.core import Core, State
-from server.errors import (
+from mnist_edge.imaging.normalize import ImageError, ImageLimits, normalize_encoded
+from mnist_edge.protos.digits.v1 import digits_pb2 as pb
+from mnist_edge.protos.digits.v1 import digits_pb2_grpc as pb_grpc
+from mnist_edge.server.batching import Result
+from mnist_edge.server.core import Core, State
+from mnist_edge.server.errors import (
     InvalidArgument,
     ServingError,
     Unavailable,

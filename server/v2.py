@@ -17,11 +17,11 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from protos.inference import model_config_pb2 as mc
-from server.core import Core
-from server.errors import (
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.protos.inference import model_config_pb2 as mc
+from mnist_edge.server.core import Core
+from mnist_edge.server.errors import (
     InvalidArgument,
     NotFound,
     abort,

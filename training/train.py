@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training import data as mnist_data
-from training.model import MLP, ModelConfig
+from mnist_edge.training import data as mnist_data
+from mnist_edge.training.model import MLP, ModelConfig
 
 FORMAT_VERSION = 1
 DEFAULT_OUT = "runs/mnist.pt"
@@ -177,7 +177,7 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
 
 def _proxy_accuracy(model: MLP, log) -> dict[str, Any]:
     try:
-        from training import proxy
+        from mnist_edge.training import proxy
     except ImportError as exc:
         return {"available": False, "reason": f"training.proxy not importable: {exc}"}
     results: dict[str, Any] = {"available": True}

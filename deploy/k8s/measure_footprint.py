@@ -30,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from client.client import DigitClient  # noqa: E402
+from mnist_edge.client.client import DigitClient  # noqa: E402
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """`mnist-edge bench` end to end at a tiny size: it runs, and its report holds every figure.
 
-No speed is asserted here (DESIGN.md: speed lives in bench/, never in timed tests); this
+No speed is asserted here (docs/design.md: speed lives in bench/, never in timed tests); this
 proves the benchmark itself works: floors and servers start and stop, every point has a
 floor and a server measurement, the targets are all evaluated, and the Markdown renders.
 """
@@ -47,10 +47,10 @@ def test_bench_runs_small_and_reports_every_figure(tmp_path):
 
 
 def test_anatomy_runs_small_and_reports_every_stage(tmp_path):
-    """`python -m bench.anatomy`: every stage server starts, answers, and lands in the table."""
+    """`python -m mnist_edge.bench.anatomy`: every stage server starts, answers, and lands in the table."""
     out = tmp_path / "anatomy"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.anatomy", "--rounds", "1", "--seconds", "0.2", "--concurrency", "1,4", "--out", str(out)],
+        [sys.executable, "-m", "mnist_edge.bench.anatomy", "--rounds", "1", "--seconds", "0.2", "--concurrency", "1,4", "--out", str(out)],
         capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,7 +62,7 @@ def test_anatomy_runs_small_and_reports_every_stage(tmp_path):
 
 
 def test_ab_compares_a_revision_with_the_working_tree_and_cleans_up(tmp_path):
-    """`python -m bench.ab`: a git revision runs from a temporary worktree (removed afterwards),
+    """`python -m mnist_edge.bench.ab`: a git revision runs from a temporary worktree (removed afterwards),
     "." from the working tree with its own flags, both against the floor, every row filled."""
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
@@ -70,7 +70,7 @@ def test_ab_compares_a_revision_with_the_working_tree_and_cleans_up(tmp_path):
     before = subprocess.run(["git", "worktree", "list"], cwd=root, capture_output=True, text=True, check=True).stdout
     out = tmp_path / "ab"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.ab", "--rounds", "2", "--seconds", "0.2", "--max-requests", "60", "--concurrency", "1,4",
+        [sys.executable, "-m", "mnist_edge.bench.ab", "--rounds", "2", "--seconds", "0.2", "--max-requests", "60", "--concurrency", "1,4",
          "--out", str(out), "head=HEAD", "narrow=. --handler-threads 2"],
         capture_output=True, text=True, timeout=600, check=False, cwd=root,
     )
@@ -90,7 +90,7 @@ def test_ab_drives_the_native_classify_with_api_native(tmp_path):
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "ab"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.ab", "--rounds", "1", "--seconds", "0.2", "--max-requests", "60", "--concurrency", "1",
+        [sys.executable, "-m", "mnist_edge.bench.ab", "--rounds", "1", "--seconds", "0.2", "--max-requests", "60", "--concurrency", "1",
          "--api", "native", "--images", "2", "--out", str(out), "lane=.", "pool=. --no-infer-lane"],
         capture_output=True, text=True, timeout=600, check=False, cwd=root,
     )
@@ -104,8 +104,8 @@ def test_ab_drives_the_native_classify_with_api_native(tmp_path):
 
 def test_ab_refuses_a_malformed_variant_and_an_unknown_revision_before_starting_anything():
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "bench.ab", "no-revision-here"], capture_output=True, text=True, timeout=60, check=False, cwd=root)
+    proc = subprocess.run([sys.executable, "-m", "mnist_edge.bench.ab", "no-revision-here"], capture_output=True, text=True, timeout=60, check=False, cwd=root)
     assert proc.returncode == 2 and "expected NAME=REV [server flags...]" in proc.stderr
     if (root / ".git").exists():
-        proc = subprocess.run([sys.executable, "-m", "bench.ab", "x=no-such-revision"], capture_output=True, text=True, timeout=60, check=False, cwd=root)
+        proc = subprocess.run([sys.executable, "-m", "mnist_edge.bench.ab", "x=no-such-revision"], capture_output=True, text=True, timeout=60, check=False, cwd=root)
         assert proc.returncode == 2 and "variant 'x': 'no-such-revision' is not a commit" in proc.stderr, proc.stderr[-2000:]

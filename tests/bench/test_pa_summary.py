@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.run import _pa_summary
+from mnist_edge.bench.run import _pa_summary
 
 STABLE = """Request concurrency: 1
   Client:

@@ -16,8 +16,8 @@ import threading
 import grpc
 import pytest
 
-from bench import loadgen
-from bench.floor import create_server
+from mnist_edge.bench import loadgen
+from mnist_edge.bench.floor import create_server
 
 
 def test_spawn_pinned_passes_no_preexec_fn(monkeypatch):

@@ -18,12 +18,12 @@ import pytest
 # From the modules, not the package face: under a bare `pytest` (cwd not on sys.path) the test
 # directory tests/client/ shadows the package `client` as a namespace package; submodules still
 # resolve. test_imports.py checks the package face itself.
-from client.cli import SHADES, ascii_art
-from client.client import ClientError, DigitClient, Prediction
+from mnist_edge.client.cli import SHADES, ascii_art
+from mnist_edge.client.client import ClientError, DigitClient, Prediction
 from helpers.servers import REPO, ort_reference, running_server
-from imaging.idx import encode_idx
-from imaging.normalize import normalize_encoded
-from server import model_store
+from mnist_edge.imaging.idx import encode_idx
+from mnist_edge.imaging.normalize import normalize_encoded
+from mnist_edge.server import model_store
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
@@ -337,10 +337,9 @@ def test_health_cli_quiet_prints_nothing(server):
 
 @pytest.mark.parametrize("command", ["classify", "health"])
 def test_a_bad_target_list_is_a_message_not_a_traceback(command, tmp_path, capsys):
-    import client.cli
-    import client.health_cli
+    from mnist_edge.client import cli, health_cli
 
-    main = client.cli.main if command == "classify" else client.health_cli.main
+    main = cli.main if command == "classify" else health_cli.main
     argv = ["--target", "localhost:1,localhost:2"] + ([str(tmp_path / "x.png")] if command == "classify" else [])
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -25,10 +25,10 @@ import grpc
 import numpy as np
 import pytest
 
-from client.client import DigitClient
+from mnist_edge.client.client import DigitClient
 from helpers.servers import REPO, health_status, start_cli_server, wait_for
-from protos.inference import grpc_service_pb2 as v2
-from protos.inference import grpc_service_pb2_grpc as v2_grpc
+from mnist_edge.protos.inference import grpc_service_pb2 as v2
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as v2_grpc
 
 MAX_CALLS = 20_000  # hard bounds on the load, whatever happens
 MAX_SECONDS = 60.0

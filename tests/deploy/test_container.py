@@ -256,8 +256,10 @@ def test_build_context_is_what_the_wheel_needs_and_nothing_else(tmp_path):
     assert "mnist_edge/models/manifest.json" in names
     for entry in manifest["models"].values():
         assert f"mnist_edge/models/{entry['file']}" in names, entry["file"]
-    for module in ("server/cli.py", "client/health_cli.py", "mnist_edge/cli.py", "protos/digits/v1/digits_pb2.py"):
-        assert module in names, module
+    for module in ("server/cli.py", "client/health_cli.py", "cli.py", "protos/digits/v1/digits_pb2.py"):
+        assert f"mnist_edge/{module}" in names, module
+    # One import package: nothing but mnist_edge (and the dist-info) at the top of the wheel.
+    assert {n.split("/")[0] for n in names} == {"mnist_edge", wheel.name.split("-py3")[0] + ".dist-info"}
 
 
 # -- the image's CMD and HEALTHCHECK, run for real -----------------------------------------

@@ -198,7 +198,7 @@ def test_security_context(pod, server):
 
 
 def test_env_names_are_server_flags(server):
-    from server.settings import ENV_PREFIX, Settings
+    from mnist_edge.server.settings import ENV_PREFIX, Settings
 
     known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
     names = {k for k in env_of(server) if k.startswith(ENV_PREFIX)}

@@ -191,7 +191,7 @@ def test_probes_and_shutdown(isvc):
 
 
 def test_same_settings_and_user_as_the_kubernetes_deployment(isvc):
-    from server.settings import ENV_PREFIX, Settings
+    from mnist_edge.server.settings import ENV_PREFIX, Settings
 
     (container,) = isvc["spec"]["predictor"]["containers"]
     env = env_of(container)

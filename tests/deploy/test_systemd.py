@@ -140,7 +140,7 @@ def test_unit_runs_the_server_the_way_the_design_says(unit):
 def test_unit_environment_names_are_server_flags(unit):
     import dataclasses
 
-    from server.settings import ENV_PREFIX, Settings
+    from mnist_edge.server.settings import ENV_PREFIX, Settings
 
     known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
     names = {k for k in environment(unit) if k.startswith(ENV_PREFIX)}
@@ -296,7 +296,7 @@ def test_server_runs_under_memory_deny_write_execute(unit, tmp_path):
 
     import numpy as np
 
-    from client.client import DigitClient
+    from mnist_edge.client.client import DigitClient
     from helpers.servers import health_status, wait_for
 
     argv = shlex.split(one(unit, "Service", "ExecStart"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import footprint
+from mnist_edge.bench import footprint
 
 REPO = Path(__file__).resolve().parents[2]
 

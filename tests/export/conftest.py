@@ -6,8 +6,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smoke_checkpoint(tmp_path_factory, mnist):
-    from training.model import ModelConfig
-    from training.train import TrainConfig, train
+    from mnist_edge.training.model import ModelConfig
+    from mnist_edge.training.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("ckpt") / "smoke.pt"
     cfg = TrainConfig(epochs=2, limit=6000, out=str(out), eval_proxy=False, progress=False, seed=3)

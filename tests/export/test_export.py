@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import pipeline
-from export import quantize as q
-from export.cli import main as export_main
-from export.verify import Budgets
+from mnist_edge.export import pipeline
+from mnist_edge.export import quantize as q
+from mnist_edge.export.cli import main as export_main
+from mnist_edge.export.verify import Budgets
 
 # Budgets for smoke models: far from the shipped model's 99.2%, so each test states
 # its own, as a CI job exporting a smoke model would.
@@ -100,7 +100,7 @@ def test_fp32_matches_torch_within_tolerance(exported, smoke_checkpoint, mnist):
     assert checks["fp32 vs torch: argmax mismatches"]["value"] == 0
     assert checks["fp32 vs torch: max |probability difference|"]["value"] <= 1e-5
     # And independently of the exporter's own check, on a slice of the test set:
-    from training.train import load_checkpoint
+    from mnist_edge.training.train import load_checkpoint
 
     mlp, _ = load_checkpoint(smoke_checkpoint)
     manifest = json.loads((exported / "models" / "manifest.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import ort_format
+from mnist_edge.export import ort_format
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "models"
@@ -80,7 +80,7 @@ def test_graph_is_fused_and_portable(ort_bytes):
 
 
 def test_identical_digits_on_the_whole_test_set(int8_bytes, ort_bytes):
-    from training import data
+    from mnist_edge.training import data
 
     test = data.load_test(offline=True)
     result = ort_format.verify(ort_bytes, int8_bytes, test.images)
@@ -96,7 +96,7 @@ def test_size_close_to_the_onnx_model(int8_bytes, ort_bytes):
 
 
 def test_verify_names_a_disagreement(int8_bytes, ort_bytes):
-    from training import data
+    from mnist_edge.training import data
 
     images = data.load_test(offline=True).images
     other = (MODELS / json.loads((MODELS / "manifest.json").read_text())["models"]["fp32"]["file"]).read_bytes()

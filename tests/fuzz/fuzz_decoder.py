@@ -12,7 +12,7 @@ import atheris
 with atheris.instrument_imports():
     import numpy as np
 
-    from imaging.normalize import ImageError, ImageLimits, normalize_encoded
+    from mnist_edge.imaging.normalize import ImageError, ImageLimits, normalize_encoded
 
 # Small limits so the fuzzer spends its time on parsing, not on decoding huge pictures.
 LIMITS = ImageLimits(max_bytes=256 * 1024, max_pixels=512 * 512)

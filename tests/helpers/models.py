@@ -14,7 +14,7 @@ def copy_models(src: Path, dst: Path) -> Path:
 
 def set_version(directory: Path, version: int, **changes) -> None:
     """Publish a new manifest (same model files) under another version, atomically."""
-    from export import manifest as mf
+    from mnist_edge.export import manifest as mf
 
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["version"] = str(version)

@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from server.app import App
-from server.settings import Settings
+from mnist_edge.server.app import App
+from mnist_edge.server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,7 +74,7 @@ def health_status(address: str, service: str = "") -> str:
 
 
 def ort_reference(model_file: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from server.runner import ModelRunner
+    from mnist_edge.server.runner import ModelRunner
 
     runner = ModelRunner(model_file.read_bytes())
     probs, digits = [], []

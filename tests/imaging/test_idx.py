@@ -3,7 +3,7 @@ import struct
 import numpy as np
 import pytest
 
-from imaging.idx import IdxError, check_pair, encode_idx, parse_idx, read_images_and_labels
+from mnist_edge.imaging.idx import IdxError, check_pair, encode_idx, parse_idx, read_images_and_labels
 
 
 def _images(n=3):

@@ -1,7 +1,7 @@
 """The protos/ package: generated code in sync, and the wire contracts pinned.
 
 Field numbers below were checked against Triton's r23.12 grpc_service.proto /
-model_config.proto (the schema tritonclient 2.41 ships) and DESIGN.md for
+model_config.proto (the schema tritonclient 2.41 ships) and docs/design.md for
 digits.v1. A change here is a protocol break, not a refactor.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from protos import generate
+from mnist_edge.protos import generate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,21 +87,21 @@ def rpc_table(service_desc) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def v2():
-    from protos.inference import grpc_service_pb2
+    from mnist_edge.protos.inference import grpc_service_pb2
 
     return grpc_service_pb2
 
 
 @pytest.fixture(scope="module")
 def mc():
-    from protos.inference import model_config_pb2
+    from mnist_edge.protos.inference import model_config_pb2
 
     return model_config_pb2
 
 
 @pytest.fixture(scope="module")
 def digits():
-    from protos.digits.v1 import digits_pb2
+    from mnist_edge.protos.digits.v1 import digits_pb2
 
     return digits_pb2
 
@@ -126,7 +126,7 @@ def test_committed_generated_files_match_a_fresh_generation():
     for name, data in fresh.items():
         committed = (REPO_ROOT / name).read_bytes()
         assert committed == data, (
-            f"{name} differs from a fresh generation: run `python -m protos.generate`" + generate._version_note()
+            f"{name} differs from a fresh generation: run `python -m mnist_edge.protos.generate`" + generate._version_note()
         )
     assert generate.drift(REPO_ROOT, fresh) == {"changed": [], "missing": [], "stale": []}
 
@@ -137,7 +137,7 @@ def test_generation_is_deterministic():
 
 def test_check_command_passes_from_any_cwd(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "protos.generate", "--check"],
+        [sys.executable, "-m", "mnist_edge.protos.generate", "--check"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -170,7 +170,7 @@ def test_check_cli_exits_nonzero_and_names_the_files(tmp_path):
     (tmp_path / "protos/inference/model_config_pb2.pyi").write_text("")
     # Run the copied generator so that REPO_ROOT resolves to tmp_path.
     proc = subprocess.run(
-        [sys.executable, "-m", "protos.generate", "--check"],
+        [sys.executable, "-m", "mnist_edge.protos.generate", "--check"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -178,7 +178,7 @@ def test_check_cli_exits_nonzero_and_names_the_files(tmp_path):
     )
     assert proc.returncode == 1
     assert "protos/inference/model_config_pb2.pyi" in proc.stderr
-    assert "python -m protos.generate" in proc.stderr
+    assert "python -m mnist_edge.protos.generate" in proc.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -550,7 +550,7 @@ def test_inference_service_rpcs(v2):
 
 
 def test_inference_grpc_module_exposes_stub_servicer_and_registration():
-    from protos.inference import grpc_service_pb2_grpc as g
+    from mnist_edge.protos.inference import grpc_service_pb2_grpc as g
 
     assert hasattr(g, "GRPCInferenceServiceStub")
     assert hasattr(g, "GRPCInferenceServiceServicer")
@@ -561,7 +561,7 @@ def test_inference_grpc_module_exposes_stub_servicer_and_registration():
 
 
 # ---------------------------------------------------------------------------
-# digits.v1, exactly as DESIGN.md
+# digits.v1, exactly as docs/design.md
 
 
 def test_digits_package_and_service(digits):
@@ -618,14 +618,14 @@ def test_digits_messages(digits):
         "max_images_per_request": (7, "single", "uint32"),
         "labels": (8, "repeated", "string"),
     }
-    # DESIGN.md declares no `optional` fields.
+    # docs/design.md declares no `optional` fields.
     for msg in digits.DESCRIPTOR.message_types_by_name.values():
         for f in _proto(msg).field:
             assert not f.proto3_optional, f"{msg.name}.{f.name}"
 
 
 def test_digits_grpc_module():
-    from protos.digits.v1 import digits_pb2_grpc as g
+    from mnist_edge.protos.digits.v1 import digits_pb2_grpc as g
 
     for name in ("DigitClassifierStub", "DigitClassifierServicer", "add_DigitClassifierServicer_to_server"):
         assert hasattr(g, name)

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from helpers.servers import running_server
-from server import model_store
+from mnist_edge.server import model_store
 
 
 @pytest.fixture(scope="session")

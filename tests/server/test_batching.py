@@ -9,8 +9,8 @@ from concurrent import futures
 import numpy as np
 import pytest
 
-from server.batching import Batcher
-from server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
+from mnist_edge.server.batching import Batcher
+from mnist_edge.server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 
 
 class FakeModel:

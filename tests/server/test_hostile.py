@@ -13,14 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from imaging.idx import IdxError, encode_idx, parse_idx
-from imaging.normalize import ImageError, ImageLimits, normalize, normalize_encoded
-from protos.digits.v1 import digits_pb2 as dpb
-from protos.digits.v1 import digits_pb2_grpc as dpb_grpc
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from server.errors import ServingError
-from server.v2 import decode_infer
+from mnist_edge.imaging.idx import IdxError, encode_idx, parse_idx
+from mnist_edge.imaging.normalize import ImageError, ImageLimits, normalize, normalize_encoded
+from mnist_edge.protos.digits.v1 import digits_pb2 as dpb
+from mnist_edge.protos.digits.v1 import digits_pb2_grpc as dpb_grpc
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.server.errors import ServingError
+from mnist_edge.server.v2 import decode_infer
 
 DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 Tensor = pb.ModelInferRequest.InferInputTensor

@@ -1,4 +1,4 @@
-"""The serving and client paths import neither torch nor onnx (DESIGN.md: a device installs the
+"""The serving and client paths import neither torch nor onnx (docs/design.md: a device installs the
 server alone), and the client never imports the v2 modules that would clash with tritonclient.
 
 Each check runs in a fresh interpreter (this test process has imported plenty already), in the
@@ -20,9 +20,9 @@ import pytest
 from helpers.servers import REPO
 
 # Top-level modules that must never be imported on the serving path.
-HEAVY = ("torch", "onnx", "onnxscript", "tritonclient", "training", "export")
+HEAVY = ("torch", "onnx", "onnxscript", "tritonclient", "mnist_edge.training", "mnist_edge.export")
 # The client additionally must not need onnxruntime, the server, or the v2 (`inference`) modules.
-CLIENT_FORBIDDEN = (*HEAVY, "onnxruntime", "server", "protos.inference")
+CLIENT_FORBIDDEN = (*HEAVY, "onnxruntime", "mnist_edge.server", "mnist_edge.protos.inference")
 
 REPORT = textwrap.dedent(
     """
@@ -72,9 +72,9 @@ def test_a_running_server_imports_neither_torch_nor_onnx():
     code = REPORT + textwrap.dedent(
         f"""
         import json, time
-        from server import settings
-        from server.app import App
-        from server.core import State
+        from mnist_edge.server import settings
+        from mnist_edge.server.app import App
+        from mnist_edge.server.core import State
 
         s = settings.from_args(["--address", "127.0.0.1:0", "--log-level", "warning"], env={{}})
         app = App(s).start()
@@ -100,7 +100,7 @@ def test_a_running_server_imports_neither_torch_nor_onnx():
 
 
 def test_the_server_cli_module_imports_neither_torch_nor_onnx():
-    code = REPORT + f"import json, server.cli, server.app, server.v2, server.native\nprint(json.dumps(_forbidden({list(HEAVY)!r})))"
+    code = REPORT + f"import json, mnist_edge.server.cli, mnist_edge.server.app, mnist_edge.server.v2, mnist_edge.server.native\nprint(json.dumps(_forbidden({list(HEAVY)!r})))"
     assert last_json(run_python(code)) == []
 
 
@@ -108,7 +108,8 @@ def test_the_client_library_and_commands_import_only_what_a_client_needs():
     code = REPORT + textwrap.dedent(
         f"""
         import json
-        import client, client.cli, client.health_cli, client.client
+        import mnist_edge.client as client
+        import mnist_edge.client.cli, mnist_edge.client.health_cli, mnist_edge.client.client
         # the package face exports the library
         assert client.DigitClient is client.client.DigitClient and client.ClientError is client.client.ClientError
         assert client.Prediction is client.client.Prediction
@@ -157,7 +158,7 @@ def test_the_client_commands_import_neither_torch_nor_onnx(argv, expected_exit, 
 
 
 def test_importing_training_and_export_packages_does_not_import_torch():
-    code = REPORT + "import json, training, export\nprint(json.dumps(_forbidden(['torch', 'onnx', 'onnxscript', 'onnxruntime'])))"
+    code = REPORT + "import json, mnist_edge.training, mnist_edge.export\nprint(json.dumps(_forbidden(['torch', 'onnx', 'onnxscript', 'onnxruntime'])))"
     assert last_json(run_python(code)) == []
 
 

@@ -100,13 +100,31 @@ def test_no_training_dependencies_are_installed(installed):
 def where(installed) -> dict:
     """Where the installed interpreter finds the code and the shipped model."""
     code = (
-        "import json, server, client, imaging, protos; from server import model_store; "
+        "import json; from mnist_edge import server, client, imaging, protos; from mnist_edge.server import model_store; "
         "print(json.dumps({'modules': [m.__file__ for m in (server, client, imaging, protos)], "
         "'manifest': str(model_store.resolve_manifest(None))}))"
     )
     proc = run([installed / "bin" / "python", "-c", code], cwd=installed.parent, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+GENERIC_NAMES = ("server", "client", "training", "export", "imaging", "protos", "bench", "models")
+
+
+def test_one_import_package_and_the_public_client_api(installed):
+    """site-packages gains mnist_edge alone: no generic top-level names another distribution could
+    overwrite, and the documented client import and module entry point work."""
+    py = installed / "bin" / "python"
+    code = (
+        "import importlib.util, json; from mnist_edge.client import DigitClient; "
+        f"print(json.dumps([n for n in {GENERIC_NAMES!r} if importlib.util.find_spec(n)]))"
+    )
+    proc = run([py, "-c", code], cwd=installed.parent, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+    proc = run([py, "-m", "mnist_edge", "--help"], cwd=installed.parent, timeout=60)
+    assert proc.returncode == 0 and "serve" in proc.stdout, proc.stderr
 
 
 def test_the_code_and_the_model_come_from_site_packages(installed, where):
@@ -148,7 +166,7 @@ def _poll(predicate, timeout: float, interval: float = 0.1, attempts: int = 10_0
 
 def test_installed_server_serves_health_and_classify_then_exits_zero_on_sigterm(installed, where, mnist, tmp_path):
     from helpers.servers import ort_reference
-    from imaging.normalize import normalize_encoded
+    from mnist_edge.imaging.normalize import normalize_encoded
 
     bin_ = installed / "bin"
     manifest = json.loads(Path(where["manifest"]).read_text())  # the installed copy, in site-packages

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from helpers.servers import ort_reference, running_server, wait_for
 
-from protos.digits.v1 import digits_pb2 as dpb
-from protos.digits.v1 import digits_pb2_grpc as dpb_grpc
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from server import lane, v2
-from server.core import State
+from mnist_edge.protos.digits.v1 import digits_pb2 as dpb
+from mnist_edge.protos.digits.v1 import digits_pb2_grpc as dpb_grpc
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.server import lane, v2
+from mnist_edge.server.core import State
 
 Tensor = pb.ModelInferRequest.InferInputTensor
 ARRIVE_S = 1.0  # time given to calls sent while the lane is held to reach the server (ordering, not a timing check)
@@ -372,7 +372,7 @@ def test_classify_with_an_encoded_image_is_handed_to_the_handler_threads(mnist):
 
 
 def test_a_hand_off_refused_by_a_stopped_pool_is_answered_unavailable():
-    from server.native import DigitClassifierServicer
+    from mnist_edge.server.native import DigitClassifierServicer
 
     class Core:  # only what classify_group touches before the hand-off
         settings = type("S", (), {"max_image_bytes": 1 << 20, "max_image_pixels": 1 << 20})()

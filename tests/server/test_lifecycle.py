@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from helpers.servers import health_status, running_server, start_cli_server, wait_for
-from protos.digits.v1 import digits_pb2, digits_pb2_grpc
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from server import model_store
+from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.server import model_store
 
 SERVICES = ("", "inference.GRPCInferenceService", "digits.v1.DigitClassifier")
 
@@ -221,7 +221,7 @@ def test_golden_mismatch_is_refused(tmp_path, shipped_manifest):
 
 
 def test_busy_port_fails_instead_of_sharing(server, tmp_path):
-    from server.app import App, BindError
+    from mnist_edge.server.app import App, BindError
     from helpers.servers import make_settings
 
     with pytest.raises(BindError, match="could not listen on"):

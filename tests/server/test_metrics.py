@@ -8,9 +8,9 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from protos.digits.v1 import digits_pb2, digits_pb2_grpc
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def scrape(address: str) -> dict[tuple[str, tuple], float]:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protos.digits.v1 import digits_pb2 as pb
-from protos.digits.v1 import digits_pb2_grpc as pb_grpc
+from mnist_edge.protos.digits.v1 import digits_pb2 as pb
+from mnist_edge.protos.digits.v1 import digits_pb2_grpc as pb_grpc
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 

@@ -15,11 +15,11 @@ import grpc
 import numpy as np
 from helpers.servers import running_server
 
-from protos.digits.v1 import digits_pb2 as dpb
-from protos.digits.v1 import digits_pb2_grpc as dpb_grpc
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from server import model_store
+from mnist_edge.protos.digits.v1 import digits_pb2 as dpb
+from mnist_edge.protos.digits.v1 import digits_pb2_grpc as dpb_grpc
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.server import model_store
 
 
 def test_unary_and_stream_calls_without_deadline_wait_in_the_queue_and_succeed(mnist):

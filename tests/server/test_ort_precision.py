@@ -6,8 +6,8 @@ import grpc
 import numpy as np
 
 from helpers.servers import running_server
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def _digits(address: str, images: np.ndarray) -> list[int]:

@@ -16,9 +16,9 @@ import grpc
 import pytest
 from helpers.servers import running_server
 
-from bench import perf_analyzer as pa
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.bench import perf_analyzer as pa
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 REQUESTS = 200
 

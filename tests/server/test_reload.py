@@ -14,9 +14,9 @@ import pytest
 from helpers.models import copy_models, set_version
 from helpers.servers import health_status, running_server, start_cli_server, wait_for
 
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from server import model_store
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.server import model_store
 
 
 def served_version(address: str) -> str:
@@ -117,7 +117,7 @@ def test_calls_in_flight_finish_on_the_old_model(tmp_path, shipped_manifest, mni
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    from export.signing import keygen
+    from mnist_edge.export.signing import keygen
 
     d = tmp_path_factory.mktemp("keys")
     keygen(d / "a.key", d / "a.pub")
@@ -126,8 +126,8 @@ def keys(tmp_path_factory):
 
 
 def sign(models: Path, key: Path) -> None:
-    from export import manifest as mf
-    from export.signing import sign as make_signature
+    from mnist_edge.export import manifest as mf
+    from mnist_edge.export.signing import sign as make_signature
 
     mf.atomic_write(models / "manifest.json.sig", make_signature((models / "manifest.json").read_bytes(), key))
 
@@ -166,7 +166,7 @@ def test_signed_manifest_is_served_and_tampering_is_refused(tmp_path, shipped_ma
 
 
 def _keys(*paths: Path):
-    from server.signing import load_public_keys
+    from mnist_edge.server.signing import load_public_keys
 
     return load_public_keys([str(p) for p in paths])
 
@@ -196,14 +196,14 @@ def test_reload_refuses_a_tampered_model_file_under_a_valid_signature(tmp_path, 
 
 
 def test_export_sign_writes_a_signature_that_verifies(tmp_path, keys):
-    from export import manifest as mf
+    from mnist_edge.export import manifest as mf
 
     out = tmp_path / "m"
-    from export.signing import sign as make_signature
+    from mnist_edge.export.signing import sign as make_signature
 
     manifest_bytes = b'{"schema_version": 1}\n'
     mf.publish(out, {}, manifest_bytes, make_signature(manifest_bytes, keys / "a.key"))
-    from server.signing import verify
+    from mnist_edge.server.signing import verify
 
     verify((out / "manifest.json").read_bytes(), (out / "manifest.json.sig").read_bytes(), _keys(keys / "a.pub"), "test")
     # publishing again without a signature removes the stale one

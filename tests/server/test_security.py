@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from helpers.servers import running_server
-from protos.digits.v1 import digits_pb2, digits_pb2_grpc
+from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 x509 = pytest.importorskip("cryptography.x509")
@@ -135,7 +135,7 @@ def test_bearer_token_is_required_except_for_health(pki, mnist):
 
 
 def test_client_library_speaks_tls_and_token(pki, mnist):
-    from client.client import DigitClient
+    from mnist_edge.client.client import DigitClient
 
     with running_server(tls_cert=str(pki["server"]), tls_key=str(pki["server_key"]), token_file=str(pki["token"])) as app:
         creds = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
@@ -145,7 +145,7 @@ def test_client_library_speaks_tls_and_token(pki, mnist):
 
 def test_short_or_missing_token_file_is_refused(tmp_path):
     from helpers.servers import make_settings
-    from server.app import App, BindError
+    from mnist_edge.server.app import App, BindError
 
     (tmp_path / "t").write_text("short")
     with pytest.raises(BindError, match="at least 16"):

@@ -1,4 +1,4 @@
-"""Settings: every flag also read from MNIST_EDGE_<NAME>, flags win, DESIGN.md's defaults, named errors."""
+"""Settings: every flag also read from MNIST_EDGE_<NAME>, flags win, docs/design.md's defaults, named errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from helpers.servers import health_status, start_cli_server, wait_for
-from server import settings as settings_mod
-from server.settings import Settings, from_args
+from mnist_edge.server import settings as settings_mod
+from mnist_edge.server.settings import Settings, from_args
 
 MiB = 1024 * 1024
 
@@ -53,7 +53,7 @@ SAMPLES: dict[str, tuple[str, object, str, object]] = {
     "log_level": ("debug", "debug", "error", "error"),
 }
 
-# DESIGN.md, "Configuration" (and "Lifecycle" for drain_delay_s).
+# docs/design.md, "Configuration" (and "Lifecycle" for drain_delay_s).
 DESIGN_DEFAULTS = {
     "max_request_images": 1024,
     "max_batch_size": 256,
@@ -244,9 +244,9 @@ def test_the_message_limit_boundary():
 # -- a real `mnist-edge serve` reads its environment -----------------------------------
 
 def test_cli_server_takes_max_request_images_from_the_environment(tmp_path, mnist):
-    from protos.digits.v1 import digits_pb2, digits_pb2_grpc
-    from protos.inference import grpc_service_pb2 as pb
-    from protos.inference import grpc_service_pb2_grpc as pb_grpc
+    from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
+    from mnist_edge.protos.inference import grpc_service_pb2 as pb
+    from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
     proc, address = start_cli_server(tmp_path, "--log-format", "json", env={"MNIST_EDGE_MAX_REQUEST_IMAGES": "7"})
     try:

@@ -18,10 +18,10 @@ import grpc
 import numpy as np
 
 from helpers.servers import health_status, ort_reference, start_cli_server, wait_for
-from protos.digits.v1 import digits_pb2 as dpb
-from protos.digits.v1 import digits_pb2_grpc as dpb_grpc
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.protos.digits.v1 import digits_pb2 as dpb
+from mnist_edge.protos.digits.v1 import digits_pb2_grpc as dpb_grpc
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 TOTAL = 50_000
 WARMUP = 5_000

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from server import stats as stats_mod
-from server.stats import Statistics
+from mnist_edge.server import stats as stats_mod
+from mnist_edge.server.stats import Statistics
 
 
 def test_records_from_many_threads_are_all_counted_and_consistent():

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from helpers.servers import running_server
-from protos.digits.v1 import digits_pb2 as dpb
-from protos.digits.v1 import digits_pb2_grpc as dpb_grpc
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from server.threads import LifoThreadPool
-from server.v2 import OUTPUT_NAMES, DecodedRequest, encode_infer, encode_infer_bytes
+from mnist_edge.protos.digits.v1 import digits_pb2 as dpb
+from mnist_edge.protos.digits.v1 import digits_pb2_grpc as dpb_grpc
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.server.threads import LifoThreadPool
+from mnist_edge.server.v2 import OUTPUT_NAMES, DecodedRequest, encode_infer, encode_infer_bytes
 
 
 def test_pool_returns_results_and_exceptions_through_futures():
@@ -165,8 +165,8 @@ def test_open_streams_never_take_the_threads_of_unary_calls(mnist):
 def test_single_image_path_matches_the_general_run_even_under_concurrent_callers(mnist):
     """ModelRunner's bound-buffer path for one image gives what session.run gives, and callers
     racing for it (the loser takes the general path) each get their own image's answer."""
-    from server import model_store
-    from server.runner import INPUT, OUTPUTS
+    from mnist_edge.server import model_store
+    from mnist_edge.server.runner import INPUT, OUTPUTS
 
     runner = model_store.load(None).runner
     images = mnist.test.images[:200]

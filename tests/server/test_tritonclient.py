@@ -1,7 +1,7 @@
 """tritonclient 2.41 (a client nobody here wrote) against a real server, all 10,000 test images.
 
 tritonclient ships its own copy of the protobuf package `inference`, so it cannot share a
-process with the project's v2 modules (DESIGN.md, "gRPC APIs"): it runs in a subprocess
+process with the project's v2 modules (docs/design.md, "gRPC APIs"): it runs in a subprocess
 with its own Python, found as MNIST_EDGE_TRITONCLIENT_PYTHON or `<repo>/.venv-triton`.
 The subprocess only talks to the server and writes what it saw; every assertion is made
 here, against an in-process onnxruntime run of the very model file the server serves.
@@ -176,7 +176,7 @@ def test_health_and_metadata_through_tritonclient(triton_run, server):
     assert report["live"] is True and report["ready"] is True and report["model_ready"] is True
     assert report["server"]["name"] == "mnist-edge"
     assert report["server"]["version"] == __version__
-    # DESIGN.md: the extensions list only what is implemented (`statistics` only with ModelStatistics)
+    # docs/design.md: the extensions list only what is implemented (`statistics` only with ModelStatistics)
     statistics_implemented = isinstance(report["statistics"], list)
     if not statistics_implemented:
         assert report["statistics"]["status"] == "StatusCode.UNIMPLEMENTED", report["statistics"]

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from helpers.servers import health_status, running_server
-from protos.digits.v1 import digits_pb2, digits_pb2_grpc
+from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
 
 
 def test_unix_socket_serves_with_a_deliberate_mode(tmp_path, mnist):
@@ -33,7 +33,7 @@ def test_socket_mode_is_configurable(tmp_path):
 
 def test_a_live_socket_is_not_taken_over_but_a_stale_one_is_replaced(tmp_path):
     from helpers.servers import make_settings
-    from server.app import App, BindError
+    from mnist_edge.server.app import App, BindError
 
     path = tmp_path / "s.sock"
     with running_server(address=f"unix:{path}"):

@@ -1,4 +1,4 @@
-"""Open Inference Protocol over a real server: answers as DESIGN.md lists them, and every error row."""
+"""Open Inference Protocol over a real server: answers as docs/design.md lists them, and every error row."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import grpc
 import numpy as np
 import pytest
 
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from protos.inference import model_config_pb2 as mc
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.protos.inference import model_config_pb2 as mc
 
 Tensor = pb.ModelInferRequest.InferInputTensor
 Output = pb.ModelInferRequest.InferRequestedOutputTensor
@@ -114,7 +114,7 @@ def test_typed_contents(stub, reference):
 
 
 def test_fp32_conversion_rounds_half_up(server):
-    from server.v2 import fp32_to_uint8
+    from mnist_edge.server.v2 import fp32_to_uint8
 
     x = np.array([0.0, 0.5 / 255, 0.49 / 255, 1.0, 254.5 / 255, 0.999999], dtype=np.float32)
     assert fp32_to_uint8(x).tolist() == [0, 1, 0, 255, 255, 255]
@@ -206,7 +206,7 @@ def test_message_over_the_grpc_limit_is_resource_exhausted(server, reference):
 
 def test_unexpected_error_is_internal_and_logged(reference, caplog):
     from helpers.servers import running_server
-    from server import model_store
+    from mnist_edge.server import model_store
 
     real = model_store.load(None)
 

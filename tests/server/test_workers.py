@@ -12,8 +12,8 @@ import pytest
 from helpers.models import copy_models, set_version
 from helpers.servers import health_status, start_cli_server, wait_for
 
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from mnist_edge.protos.inference import grpc_service_pb2 as pb
+from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def answering_pid(address: str) -> int:
@@ -216,7 +216,7 @@ class _FakeWorker:
 def test_one_refusing_worker_stops_every_worker_from_swapping():
     import threading
 
-    from server.workers import Supervisor
+    from mnist_edge.server.workers import Supervisor
 
     sup = Supervisor.__new__(Supervisor)  # the coordination alone, without processes
     sup._reload_lock = threading.Lock()

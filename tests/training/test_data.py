@@ -4,7 +4,7 @@ import gzip
 
 import pytest
 
-from training import data
+from mnist_edge.training import data
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imaging.idx import read_idx
-from training import proxy
+from mnist_edge.imaging.idx import read_idx
+from mnist_edge.training import proxy
 
 REPO = Path(__file__).resolve().parents[2]
 N = 30  # per digit, for the shared set: 300 images, every font used at least 3 times

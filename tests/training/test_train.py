@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.model import MLP, ModelConfig
-from training.train import TrainConfig, load_checkpoint, train
+from mnist_edge.training.model import MLP, ModelConfig
+from mnist_edge.training.train import TrainConfig, load_checkpoint, train
 
 
 def test_output_shapes_for_uint8_and_float_input():

@@ -108,7 +108,7 @@ say "model and MNIST test set"
 MODEL=$("$PY" -c 'import json,sys; m=json.load(open("models/manifest.json")); print("models/"+m["models"]["int8"]["file"])')
 cp "$MODEL" "$ROOT/opt/mnist-edge/model.onnx"
 for f in t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
-  [ -f "$MNIST/$f" ] || die "$MNIST/$f missing: run '.venv/bin/python -m training.data' first"
+  [ -f "$MNIST/$f" ] || die "$MNIST/$f missing: run '.venv/bin/python -m mnist_edge.training.data' first"
   cp "$MNIST/$f" "$ROOT/opt/mnist-edge/"
 done
 ( cd "$ROOT/opt/mnist-edge" && sha256sum -c --quiet - ) <<'EOF' || die "MNIST test files do not match their sha256"

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.digits.v1 import digits_pb2 as protos_dot_digits_dot_v1_dot_digits__pb2
+from mnist_edge.protos.digits.v1 import digits_pb2 as mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/digits/v1/digits_pb2_grpc.py depends on'
+        + ' but the generated code in mnist_edge/protos/digits/v1/digits_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class DigitClassifierStub:
         """
         self.Classify = channel.unary_unary(
                 '/digits.v1.DigitClassifier/Classify',
-                request_serializer=protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyResponse.FromString,
+                request_serializer=mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.ClassifyStream = channel.stream_stream(
                 '/digits.v1.DigitClassifier/ClassifyStream',
-                request_serializer=protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyResponse.FromString,
+                request_serializer=mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/digits.v1.DigitClassifier/GetModelInfo',
-                request_serializer=protos_dot_digits_dot_v1_dot_digits__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_digits_dot_v1_dot_digits__pb2.ModelInfo.FromString,
+                request_serializer=mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -81,18 +81,18 @@ def add_DigitClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyRequest.FromString,
-                    response_serializer=protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyRequest.FromString,
+                    response_serializer=mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyResponse.SerializeToString,
             ),
             'ClassifyStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ClassifyStream,
-                    request_deserializer=protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyRequest.FromString,
-                    response_serializer=protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyRequest.FromString,
+                    response_serializer=mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=protos_dot_digits_dot_v1_dot_digits__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=protos_dot_digits_dot_v1_dot_digits__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -120,8 +120,8 @@ class DigitClassifier:
             request,
             target,
             '/digits.v1.DigitClassifier/Classify',
-            protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyRequest.SerializeToString,
-            protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyResponse.FromString,
+            mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyRequest.SerializeToString,
+            mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -147,8 +147,8 @@ class DigitClassifier:
             request_iterator,
             target,
             '/digits.v1.DigitClassifier/ClassifyStream',
-            protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyRequest.SerializeToString,
-            protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyResponse.FromString,
+            mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyRequest.SerializeToString,
+            mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -174,8 +174,8 @@ class DigitClassifier:
             request,
             target,
             '/digits.v1.DigitClassifier/GetModelInfo',
-            protos_dot_digits_dot_v1_dot_digits__pb2.GetModelInfoRequest.SerializeToString,
-            protos_dot_digits_dot_v1_dot_digits__pb2.ModelInfo.FromString,
+            mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.GetModelInfoRequest.SerializeToString,
+            mnist__edge_dot_protos_dot_digits_dot_v1_dot_digits__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
