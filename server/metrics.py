@@ -29,8 +29,10 @@ of its workers' counters (see `server.workers`).
 
 from __future__ import annotations
 
+import selectors
 import socket
 import threading
+import time
 from typing import Any, Callable, Iterable
 
 from mnist_edge.server.stats import Statistics
@@ -165,63 +167,150 @@ def render(s: Snapshot) -> str:
 
 
 class MetricsServer:
-    """GET /metrics over plain HTTP/1.x on one daemon thread, one short connection at a time.
+    """GET /metrics over plain HTTP/1.x: one daemon thread, many connections at once (selectors).
 
     Deliberately not http.server: that module and what it imports (email, html, mimetypes,
     socketserver) cost ~1.8 MB of resident memory per worker, a tenth of the footprint budget,
-    for a page a scraper fetches every few seconds. Each connection gets `timeout_s` to send
-    its request line and headers; the answer is written and the connection closed.
+    for a page a scraper fetches every few seconds; and it serves one connection at a time.
+
+    No client can hold the endpoint (docs/limits.md): every connection has `timeout_s` in all
+    to send its request and take the answer (a deadline for the whole exchange, not per byte,
+    so a client dripping a byte a second is closed when it runs out), a request head larger
+    than MAX_REQUEST_BYTES is refused, and at most `max_connections` are open: a new
+    connection beyond that closes the oldest open one (an idle or slow client; a scrape
+    takes milliseconds), so new scrapes are never refused.
     """
 
-    def __init__(self, address: str, source: Callable[[], Snapshot], timeout_s: float = 2.0) -> None:
+    MAX_REQUEST_BYTES = 8192
+
+    def __init__(self, address: str, source: Callable[[], Snapshot], timeout_s: float = 2.0, max_connections: int = 32) -> None:
         host, port = address.rsplit(":", 1)
-        self._sock = socket.create_server((host.strip("[]"), int(port)), family=socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)
-        self._sock.settimeout(0.5)  # how often the loop checks for shutdown
+        self._sock = socket.create_server((host.strip("[]"), int(port)), family=socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET, backlog=128)
+        self._sock.setblocking(False)
         self._source = source
         self._timeout_s = timeout_s
+        self._max_connections = max(1, max_connections)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._sock, selectors.EVENT_READ, None)
+        self._conns: dict[socket.socket, _Connection] = {}  # insertion order: oldest first
         self._stop = threading.Event()
         self.address = f"{host}:{self._sock.getsockname()[1]}"
+        self.evicted = 0  # connections closed to make room for a new one
+        self.expired = 0  # connections closed at their deadline
         self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
             try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
+                events = self._selector.select(0.25)  # also how often the loop checks for shutdown
             except OSError:
                 return  # closed by shutdown()
-            with conn:
-                try:
-                    self._answer(conn)
-                except OSError:
-                    pass  # the scraper went away
+            for key, mask in events:
+                if key.data is None:
+                    self._accept()
+                elif mask & selectors.EVENT_READ:
+                    self._read(key.data)
+                else:
+                    self._write(key.data)
+            now = time.monotonic()
+            for conn in [c for c in self._conns.values() if c.deadline <= now]:
+                self.expired += 1
+                self._close(conn)
 
-    def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(self._timeout_s)
-        data = b""
-        while b"\r\n\r\n" not in data and b"\n\n" not in data and len(data) < 8192:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        parts = data.split(b"\r\n", 1)[0].split()
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            status, body, ctype = "400 Bad Request", b"expected an HTTP/1.x request line\n", "text/plain; charset=utf-8"
-        elif parts[0] not in (b"GET", b"HEAD"):
-            status, body, ctype = "405 Method Not Allowed", b"only GET /metrics is served here\n", "text/plain; charset=utf-8"
-        elif parts[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
-            status, body, ctype = "404 Not Found", b"only /metrics is served here\n", "text/plain; charset=utf-8"
-        else:
-            status, body, ctype = "200 OK", render(self._source()).encode(), "text/plain; version=0.0.4; charset=utf-8"
-        head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-        conn.sendall(head if parts and parts[0] == b"HEAD" else head + body)
+    def _accept(self) -> None:
+        for _ in range(64):  # everything waiting in the backlog, in bounded steps
+            try:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            while len(self._conns) >= self._max_connections:
+                self.evicted += 1
+                self._close(next(iter(self._conns.values())))
+            sock.setblocking(False)
+            conn = _Connection(sock, time.monotonic() + self._timeout_s)
+            self._conns[sock] = conn
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _read(self, conn: _Connection) -> None:
+        try:
+            chunk = conn.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._close(conn)  # the client went away before asking for anything
+            return
+        conn.data += chunk
+        if b"\r\n\r\n" in conn.data or b"\n\n" in conn.data:
+            self._respond(conn, conn.data)
+        elif len(conn.data) > self.MAX_REQUEST_BYTES:
+            self._respond(conn, b"")
+
+    def _respond(self, conn: _Connection, request: bytes) -> None:
+        conn.out = answer(request, self._source)
+        self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        self._write(conn)
+
+    def _write(self, conn: _Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.out = conn.out[sent:]
+        if not conn.out:
+            self._close(conn)
+
+    def _close(self, conn: _Connection) -> None:
+        self._conns.pop(conn.sock, None)
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
 
     def shutdown(self) -> None:
         self._stop.set()
-        self._sock.close()
         self._thread.join(2)
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        self._selector.close()
+        self._sock.close()
+
+
+class _Connection:
+    __slots__ = ("data", "deadline", "out", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline  # time.monotonic(): the whole exchange ends by then
+        self.data = b""
+        self.out = b""
+
+
+def answer(request: bytes, source: Callable[[], Snapshot]) -> bytes:
+    """The whole HTTP response (head and body) to one request head."""
+    parts = request.split(b"\r\n", 1)[0].split(b"\n", 1)[0].split()
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        status, body, ctype = "400 Bad Request", b"expected an HTTP/1.x request line\n", "text/plain; charset=utf-8"
+    elif parts[0] not in (b"GET", b"HEAD"):
+        status, body, ctype = "405 Method Not Allowed", b"only GET /metrics is served here\n", "text/plain; charset=utf-8"
+    elif parts[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
+        status, body, ctype = "404 Not Found", b"only /metrics is served here\n", "text/plain; charset=utf-8"
+    else:
+        status, body, ctype = "200 OK", render(source()).encode(), "text/plain; version=0.0.4; charset=utf-8"
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+    return head if parts and parts[0] == b"HEAD" else head + body
 
 
 def start_http(address: str, source: Callable[[], Snapshot]) -> tuple[MetricsServer, str]:

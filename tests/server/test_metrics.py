@@ -113,3 +113,76 @@ def test_the_endpoint_answers_only_get_metrics_and_survives_odd_clients(server):
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10):
         assert value(scrape(address), "mnist_edge_up") == 1.0
+
+
+def test_a_dripping_client_and_100_idle_connections_never_block_a_scrape():
+    """Issue 18: scrapes answer while one client drips its request a byte at a time and 100
+    connections sit idle; the slow and idle ones are closed by their deadline or evicted."""
+    import socket
+    import threading
+    import time
+
+    from mnist_edge.server.metrics import MetricsServer
+
+    metrics = MetricsServer("127.0.0.1:0", lambda: {}, timeout_s=2.0, max_connections=32)
+    host, port = metrics.address.rsplit(":", 1)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def drip():
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n":
+                if stop.wait(0.2):
+                    return
+                try:
+                    s.sendall(bytes((byte,)))
+                except OSError:
+                    return  # closed by the server at its deadline: what should happen
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    try:
+        for _ in range(100):
+            held.append(socket.create_connection((host, int(port)), timeout=5))
+        for _ in range(5):
+            started = time.monotonic()
+            reply = _raw(metrics.address, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:100]
+            assert time.monotonic() - started < 2.0  # a guard: normally milliseconds
+        assert metrics.open_connections <= 32
+        assert metrics.evicted >= 100 - 32
+    finally:
+        stop.set()
+        for s in held:
+            s.close()
+        metrics.shutdown()
+        dripper.join(5)
+
+
+def test_a_connection_is_closed_at_its_whole_request_deadline_not_per_byte():
+    import socket
+    import time
+
+    from mnist_edge.server.metrics import MetricsServer
+
+    metrics = MetricsServer("127.0.0.1:0", lambda: {}, timeout_s=0.5)
+    host, port = metrics.address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            started = time.monotonic()
+            closed = False
+            for _ in range(40):  # a byte every 0.1 s: a per-byte timeout would never fire
+                try:
+                    s.sendall(b"G")
+                    s.settimeout(0.1)
+                    if s.recv(1) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+                    break
+            assert closed and time.monotonic() - started < 2.0
+    finally:
+        metrics.shutdown()
