@@ -33,7 +33,8 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from mnist_edge.server.stats import Statistics
 

@@ -6,11 +6,10 @@ import urllib.request
 
 import grpc
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
-
 from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def scrape(address: str) -> dict[tuple[str, tuple], float]:
@@ -124,7 +123,7 @@ def test_a_dripping_client_and_100_idle_connections_never_block_a_scrape():
 
     from mnist_edge.server.metrics import MetricsServer
 
-    metrics = MetricsServer("127.0.0.1:0", lambda: {}, timeout_s=2.0, max_connections=32)
+    metrics = MetricsServer("127.0.0.1:0", dict, timeout_s=2.0, max_connections=32)
     host, port = metrics.address.rsplit(":", 1)
     stop = threading.Event()
     held: list[socket.socket] = []
@@ -165,7 +164,7 @@ def test_a_connection_is_closed_at_its_whole_request_deadline_not_per_byte():
 
     from mnist_edge.server.metrics import MetricsServer
 
-    metrics = MetricsServer("127.0.0.1:0", lambda: {}, timeout_s=0.5)
+    metrics = MetricsServer("127.0.0.1:0", dict, timeout_s=0.5)
     host, port = metrics.address.rsplit(":", 1)
     try:
         with socket.create_connection((host, int(port)), timeout=5) as s:
