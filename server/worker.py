@@ -4,6 +4,7 @@ It runs a normal App on the address the parent resolved, sharing the port with i
 siblings through SO_REUSEPORT, and talks to the parent over stdin/stdout in JSON lines:
 
     parent -> worker  {"id": 1, "cmd": "snapshot" | "prepare" | "commit" | "abort" | "shutdown"}
+                      ("prepare" carries "model": the directory to load)
     worker -> parent  {"event": "listening" | "serving" | "failed" | "stopped", ...}
                       {"id": 1, "ok": true, "result": ...} or {"id": 1, "ok": false, "error": "..."}
 
@@ -78,8 +79,10 @@ def main() -> int:
         if cmd == "snapshot":
             return app.metrics_snapshot()
         if cmd == "prepare":
+            # The parent names the directory to load (its private copy of the published model).
             current = app.core.model
-            model = default_loader(settings, min_version=int(current.version) if current else None)
+            source = settings.replace(model=msg["model"]) if msg.get("model") else settings
+            model = default_loader(source, min_version=int(current.version) if current else None)
             pending["model"] = model
             return {"version": model.version, "sha256": model.sha256}
         if cmd == "commit":

@@ -7,24 +7,36 @@ want several workers open several channels), restarts a worker that dies, forwar
 SIGTERM/SIGINT so every worker drains, coordinates reloads all-or-nothing (SIGHUP: each
 worker prepares the new model; all commit, or all abort), and serves /metrics as the
 sum of its workers' counters. Each worker has its own batcher and model session.
+
+The parent owns the version. It keeps a private copy of what the workers serve (the
+manifest, its signature and the model file, `ServedCopy`) and every worker loads from that
+copy, never from the published directory: a worker restarted after a crash serves the
+version its siblings serve, whatever has been published (or half-written) since, until a
+reload succeeds in every worker. A reload whose manifest names the version and model already
+served changes nothing and logs `reload_unchanged`; the same version with another model is
+refused, as a single process refuses it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from mnist_edge.server import logs
+from mnist_edge.server import logs, model_store
 from mnist_edge.server.settings import Settings
 
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
@@ -75,7 +87,7 @@ class WorkerProcess:
             self.state = "exited"
             self.changed.notify_all()
 
-    def call(self, cmd: str, timeout: float = 30.0) -> dict[str, Any]:
+    def call(self, cmd: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
         if self.proc is None or self.proc.poll() is not None or self.proc.stdin is None:
             return {"ok": False, "error": f"worker {self.index} is not running"}
         ident = next(self._ids)
@@ -83,7 +95,7 @@ class WorkerProcess:
         with self._lock:
             self._waiting[ident] = done
         try:
-            self.proc.stdin.write(json.dumps({"id": ident, "cmd": cmd}) + "\n")
+            self.proc.stdin.write(json.dumps({"id": ident, "cmd": cmd, **args}) + "\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError) as exc:
             return {"ok": False, "error": f"worker {self.index}: {exc}"}
@@ -105,6 +117,67 @@ class WorkerProcess:
             self.proc.send_signal(sig)
 
 
+class ServedCopy:
+    """A private copy of one published model: manifest.json (its exact bytes), its signature if
+    any, and the model file the manifest names for the precision served. Workers load from here."""
+
+    def __init__(self, directory: Path, version: str, sha256: str) -> None:
+        self.directory = directory
+        self.version = version
+        self.sha256 = sha256
+
+    @classmethod
+    def take(cls, model: str | None, precision: str | None) -> ServedCopy:
+        """Copy what `model` publishes now; ModelLoadError if it is incomplete or inconsistent.
+
+        The checks are the cheap ones (JSON, sizes, sha256): the workers verify the copy fully
+        (signature, golden images) when they load it. A publisher writes the model file, then
+        the signature, then the manifest; the manifest and signature are read twice to catch a
+        publish in progress.
+        """
+        mpath = model_store.resolve_manifest(model)
+        sig_path = mpath.parent / model_store.SIGNATURE
+        for attempt in (1, 2):
+            sig = sig_path.read_bytes() if sig_path.is_file() else None
+            raw = mpath.read_bytes()
+            if (sig_path.read_bytes() if sig_path.is_file() else None) == sig and mpath.read_bytes() == raw:
+                break
+            if attempt == 2:
+                raise model_store.ModelLoadError(f"{mpath}: the manifest changed while it was being read; try again")
+            time.sleep(0.05)
+        manifest, _ = model_store.read_manifest(mpath, raw)
+        kind = precision or manifest["default"]
+        entry = manifest["models"].get(kind)
+        if not isinstance(entry, dict) or "file" not in entry:
+            raise model_store.ModelLoadError(f"{mpath}: no model entry {kind!r}; the manifest has {sorted(manifest['models'])}")
+        name = str(entry["file"])
+        if Path(name).name != name:
+            raise model_store.ModelLoadError(f"{mpath}: model file name {name!r} must be a plain file name in the same directory")
+        try:
+            data = (mpath.parent / name).read_bytes()
+        except OSError as exc:
+            raise model_store.ModelLoadError(f"{mpath.parent / name}: {exc.strerror} (named by {mpath})") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.get("sha256"):
+            raise model_store.ModelLoadError(f"{mpath.parent / name}: sha256 {digest} does not match the manifest's {entry.get('sha256')}; refusing to serve it")
+        directory = Path(tempfile.mkdtemp(prefix="mnist-edge-served-"))
+        try:
+            (directory / name).write_bytes(data)
+            if sig is not None:
+                (directory / model_store.SIGNATURE).write_bytes(sig)
+            (directory / model_store.MANIFEST).write_bytes(raw)
+        except OSError:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return cls(directory, str(manifest["version"]), digest)
+
+    def same_model(self, other: ServedCopy) -> bool:
+        return self.version == other.version and self.sha256 == other.sha256
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -116,6 +189,7 @@ class Supervisor:
         self._reload_lock = threading.Lock()
         self._metrics_httpd = None
         self.metrics_address: str | None = None
+        self.served: ServedCopy | None = None  # what every worker loads (see the module docstring)
 
     def _resolve(self, address: str) -> str:
         if address.startswith("unix:"):
@@ -134,9 +208,14 @@ class Supervisor:
         return f"{host}:{s.getsockname()[1]}"
 
     def _worker_settings(self) -> Settings:
-        return self.settings.replace(address=self.address, port_file=None, metrics_address="", watch_s=0.0)
+        model = str(self.served.directory) if self.served is not None else self.settings.model
+        return self.settings.replace(address=self.address, port_file=None, metrics_address="", watch_s=0.0, model=model)
 
     def start(self) -> None:
+        try:
+            self.served = ServedCopy.take(self.settings.model, self.settings.precision)
+        except (model_store.ModelLoadError, OSError) as exc:
+            raise RuntimeError(f"model failed to load: {exc}") from None
         for i in range(self.settings.workers):
             w = WorkerProcess(i, self._worker_settings())
             w.start()
@@ -174,10 +253,18 @@ class Supervisor:
                                logging.WARNING, worker=w.index, pid=w.pid, returncode=w.proc.returncode)
                     if self.stopping.wait(delay):
                         return
-                    w.start()
-                    restarts[w.index] = n + 1
-                    if w.wait_state({"serving", "failed", "exited"}, 120) == "serving":
-                        logs.event("worker_restarted", f"worker {w.index} is serving again as pid {w.pid}", worker=w.index, pid=w.pid)
+                    # Under the reload lock: the replacement loads the copy its siblings serve,
+                    # and no reload replaces that copy before it is up.
+                    with self._reload_lock:
+                        if self.stopping.is_set():
+                            return
+                        w.settings = self._worker_settings()
+                        w.start()
+                        restarts[w.index] = n + 1
+                        serving = w.wait_state({"serving", "failed", "exited"}, 120) == "serving"
+                    if serving:
+                        logs.event("worker_restarted", f"worker {w.index} is serving again as pid {w.pid}", worker=w.index, pid=w.pid,
+                                   version=self.served.version if self.served else None)
                         restarts[w.index] = 0
 
     def metrics_snapshot(self) -> dict:
@@ -187,22 +274,61 @@ class Supervisor:
         return merge(snaps)
 
     def reload(self, reason: str = "SIGHUP") -> bool:
-        """Every worker prepares the new model; all commit, or (if any refuses) all abort."""
+        """Swap every worker to the published model, or none; True if they swapped."""
         with self._reload_lock:
-            answers = [w.call("prepare", timeout=120) for w in self.workers]
-            refused = [f"worker {w.index}: {a.get('error')}" for w, a in zip(self.workers, answers) if not a.get("ok")]
-            versions = {a["result"]["version"] for a in answers if a.get("ok")}
-            if not refused and len(versions) != 1:
-                refused.append(f"workers prepared different versions {sorted(versions)}")
-            if refused:
-                for w in self.workers:
-                    w.call("abort", timeout=10)
-                logs.event("reload_refused", f"reload ({reason}) refused by {len(refused)} worker(s); none swapped: {'; '.join(refused)}", logging.ERROR)
+            try:
+                candidate = ServedCopy.take(self.settings.model, self.settings.precision)
+            except (model_store.ModelLoadError, OSError) as exc:
+                logs.event("reload_refused", f"reload ({reason}) refused, still serving version {self._version()}: {exc}", logging.ERROR, version=self._version())
                 return False
-            for w in self.workers:
-                w.call("commit", timeout=30)
-            logs.event("reloaded", f"all {len(self.workers)} workers now serve version {versions.pop()}", reason=reason)
+            refusal = self._refusal(candidate)
+            if refusal is not None:
+                candidate.remove()
+                if refusal == "unchanged":
+                    logs.event("reload_unchanged", f"reload ({reason}): version {candidate.version} unchanged", version=candidate.version)
+                else:
+                    logs.event("reload_refused", f"reload ({reason}) refused, still serving version {self._version()}: {refusal}", logging.ERROR, version=self._version())
+                return False
+            if not self._swap_all(str(candidate.directory), reason):
+                candidate.remove()
+                return False
+            previous, self.served = self.served, candidate
+            if previous is not None:
+                previous.remove()
             return True
+
+    def _version(self) -> str | None:
+        return self.served.version if self.served else None
+
+    def _refusal(self, candidate: ServedCopy) -> str | None:
+        """Why `candidate` may not replace what is served: "unchanged", a reason, or None."""
+        current = self.served
+        if current is None:
+            return None
+        if candidate.same_model(current):
+            return "unchanged"
+        if int(candidate.version) < int(current.version):
+            return f"version {candidate.version} is lower than the version being served ({current.version}); refusing to go back"
+        if candidate.version == current.version:
+            return f"a different model under the same version {current.version}; versions must increase"
+        return None
+
+    def _swap_all(self, model: str, reason: str) -> bool:
+        """Every worker prepares `model` (a ServedCopy directory); all commit, or (if any refuses) all abort."""
+        answers = [w.call("prepare", timeout=120, model=model) for w in self.workers]
+        refused = [f"worker {w.index}: {a.get('error')}" for w, a in zip(self.workers, answers) if not a.get("ok")]
+        versions = {a["result"]["version"] for a in answers if a.get("ok")}
+        if not refused and len(versions) != 1:
+            refused.append(f"workers prepared different versions {sorted(versions)}")
+        if refused:
+            for w in self.workers:
+                w.call("abort", timeout=10)
+            logs.event("reload_refused", f"reload ({reason}) refused by {len(refused)} worker(s); none swapped: {'; '.join(refused)}", logging.ERROR)
+            return False
+        for w in self.workers:
+            w.call("commit", timeout=30)
+        logs.event("reloaded", f"all {len(self.workers)} workers now serve version {versions.pop()}", reason=reason)
+        return True
 
     def shutdown(self, reason: str = "signal") -> None:
         if self.stopping.is_set():
@@ -228,6 +354,8 @@ class Supervisor:
             self._metrics_httpd.shutdown()
         if self._reserve is not None:
             self._reserve.close()
+        if self.served is not None:
+            self.served.remove()
         logs.event("stopped", "all workers stopped", exit_code=self.exit_code)
 
 

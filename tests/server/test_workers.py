@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import urllib.request
 
 import grpc
@@ -204,7 +205,7 @@ class _FakeWorker:
     def __init__(self, index: int, refuse: bool = False) -> None:
         self.index, self.refuse, self.calls = index, refuse, []
 
-    def call(self, cmd: str, timeout: float = 30.0) -> dict:
+    def call(self, cmd: str, timeout: float = 30.0, **args) -> dict:
         self.calls.append(cmd)
         if cmd == "prepare" and self.refuse:
             return {"ok": False, "error": "golden images disagree"}
@@ -221,9 +222,65 @@ def test_one_refusing_worker_stops_every_worker_from_swapping():
     sup = Supervisor.__new__(Supervisor)  # the coordination alone, without processes
     sup._reload_lock = threading.Lock()
     sup.workers = [_FakeWorker(0), _FakeWorker(1, refuse=True), _FakeWorker(2)]
-    assert sup.reload("test") is False
+    assert sup._swap_all("/served/copy", "test") is False
     assert all(w.calls == ["prepare", "abort"] for w in sup.workers), [w.calls for w in sup.workers]
 
     sup.workers = [_FakeWorker(0), _FakeWorker(1), _FakeWorker(2)]
-    assert sup.reload("test") is True
+    assert sup._swap_all("/served/copy", "test") is True
     assert all(w.calls == ["prepare", "commit"] for w in sup.workers), [w.calls for w in sup.workers]
+
+
+def _events(proc, name: str) -> list[dict]:
+    return [e for e in (json.loads(line) for line in _read_stderr(proc).decode().splitlines() if line.startswith("{")) if e.get("event") == name]
+
+
+def test_workers_agree_on_the_version_the_parent_owns(tmp_path, shipped_manifest):
+    """Issue 18: with N+1 published but no SIGHUP, a worker restarted after a crash serves N, as
+    its sibling does; after SIGHUP every worker serves N+1; a second SIGHUP with nothing changed
+    swaps nothing and logs no further `reloaded`; a half-written manifest or another model under
+    the served version is refused by the parent."""
+    models = copy_models(shipped_manifest.parent, tmp_path / "models")
+    set_version(models, 1)
+    proc, address = start_cli_server(tmp_path, "--workers", "2", "--model", str(models), "--log-format", "json")
+    try:
+        wait_for(lambda: health_status(address) == "SERVING", timeout=90)
+        set_version(models, 2)  # published, no SIGHUP
+        victim = next(iter(_versions_by_worker(address, 20)))
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: _events(proc, "worker_restarted"), timeout=60)
+        versions = [_pid_and_version(address)[1] for _ in range(40)]
+        assert versions == ["1"] * 40, versions
+
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: _events(proc, "reloaded"), timeout=60)
+        versions = [_pid_and_version(address)[1] for _ in range(40)]
+        assert versions == ["2"] * 40, versions
+        reloads = len(_events(proc, "reloaded"))
+
+        proc.send_signal(signal.SIGHUP)  # nothing changed
+        wait_for(lambda: _events(proc, "reload_unchanged"), timeout=60)
+        assert len(_events(proc, "reloaded")) == reloads
+
+        manifest = models / "manifest.json"
+        good = manifest.read_bytes()
+        manifest.write_bytes(good[: len(good) // 2])  # a half-written publish
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(_events(proc, "reload_refused")) == 1, timeout=60)
+        # The same version with another model (the fp32 file as the default) is refused
+        # everywhere, as by one process.
+        from mnist_edge.export import manifest as mf
+
+        other = json.loads(good)
+        other["models"][other["default"]] = other["models"]["fp32"]
+
+        mf.atomic_write(manifest, mf.dumps(other))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(_events(proc, "reload_refused")) == 2, timeout=60)
+        assert len(_events(proc, "reloaded")) == reloads
+        assert {_pid_and_version(address)[1] for _ in range(10)} == {"2"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
