@@ -3,6 +3,10 @@
 Codecs, the batcher and the model store raise these; `grpc_errors` turns them into
 a status with the error's message. Anything else becomes INTERNAL with a logged
 traceback, so a bug never leaks a stack trace to a client or kills the server.
+
+Messages are short by construction (server/bounds.py summarises junk before a string is
+built); `bounded` is the backstop every status message passes through on its way out, so no
+message can outgrow a client's metadata limit (8 KiB by default in gRPC).
 """
 
 from __future__ import annotations
@@ -13,6 +17,15 @@ import logging
 import grpc
 
 log = logging.getLogger("mnist_edge.server")
+
+MAX_DETAILS_CHARS = 1024  # characters of a status message a client receives
+
+
+def bounded(message: str) -> str:
+    """`message`, cut to MAX_DETAILS_CHARS characters (saying how much was cut)."""
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    return message[: MAX_DETAILS_CHARS - 40] + f"... ({len(message) - MAX_DETAILS_CHARS + 40:,} characters cut)"
 
 
 class ServingError(Exception):
@@ -63,7 +76,7 @@ def abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> Non
 def status_and_message(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     """The status and message a client gets for `exc`; an unexpected error is logged here."""
     if isinstance(exc, ServingError):
-        return exc.code, exc.message
+        return exc.code, bounded(exc.message)
     log.error("unexpected error in %s", method, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}; the server logged the traceback"
 
