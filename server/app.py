@@ -42,6 +42,17 @@ LIVENESS_NAME = "liveness"
 MODEL_INFER = f"/{INFERENCE_SERVICE}/ModelInfer"
 CLASSIFY = f"/{NATIVE_SERVICE}/Classify"
 
+# gRPC core's bounds on what one call's headers may hold (docs/limits.md), set explicitly rather
+# than left to defaults that change between releases: metadata over the soft limit may be
+# refused and over the hard one always is; HTTP/2 frames and the HPACK table stay at their
+# protocol minimums, so a header block is read in 16 KiB frames against those limits.
+HEADER_BOUNDS: list[tuple[str, object]] = [
+    ("grpc.max_metadata_size", 8 * 1024),
+    ("grpc.absolute_max_metadata_size", 16 * 1024),
+    ("grpc.http2.max_frame_size", 16 * 1024),
+    ("grpc.http2.hpack_table_size.decoder", 4096),
+]
+
 
 def default_loader(settings: Settings, min_version: int | None = None) -> LoadedModel:
     keys = None
@@ -53,7 +64,7 @@ def default_loader(settings: Settings, min_version: int | None = None) -> Loaded
 
 
 class BindError(RuntimeError):
-    pass
+    """Bad settings or an address that cannot be bound: the process exits 2 before serving."""
 
 
 def unix_path(address: str) -> Path:
@@ -93,6 +104,15 @@ class App:
     def __init__(self, settings: Settings, loader: Loader | None = None, *, reuseport: bool = False, extra_options: list[tuple[str, object]] | None = None) -> None:
         self.settings = settings
         self.loader = loader or default_loader
+        if settings.trusted_key_files:
+            # A bad --trust is bad settings: refused before the port opens (exit 2), not
+            # found later by the model loader (exit 1, after clients saw the port).
+            from mnist_edge.server.signing import SignatureError, load_public_keys
+
+            try:
+                load_public_keys(settings.trusted_key_files)
+            except SignatureError as exc:
+                raise BindError(str(exc)) from None
         self.core = Core(settings)
         self.stopped = threading.Event()
         self.exit_code = 0
@@ -113,6 +133,7 @@ class App:
             # One server per port unless workers share it on purpose: a second server on a
             # busy port fails instead of silently splitting the traffic.
             ("grpc.so_reuseport", 1 if reuseport else 0),
+            *HEADER_BOUNDS,
         ]
         if settings.max_connection_age_s > 0:
             # Clients reconnect (and re-resolve) after this; calls in flight get a grace period.
@@ -188,14 +209,22 @@ class App:
 
     # -- binding ----------------------------------------------------------------
     def _bind(self, address: str) -> str:
-        if address.startswith("unix:"):
+        unix = address.startswith("unix:")
+        if unix:
             _clear_stale_socket(unix_path(address))
+        credentials = self._credentials()
+        # A unix socket is created under a umask that gives it --socket-mode's permissions (or
+        # fewer) from the start: there is no moment when the umask's usual mode lets others in.
+        # The server has started no thread yet (none runs before start()).
+        umask = os.umask(0o777 & ~int(self.settings.socket_mode, 8)) if unix else None
         try:
-            credentials = self._credentials()
             port = self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
         except RuntimeError as exc:
             raise BindError(f"could not listen on {address}: {exc}") from None
-        if address.startswith("unix:"):
+        finally:
+            if umask is not None:
+                os.umask(umask)
+        if unix:
             # Deliberate permissions: only the owner and its group (e.g. the camera process) may connect.
             os.chmod(unix_path(address), int(self.settings.socket_mode, 8))
             return address

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     limit_malloc_arenas()
     settings = settings_mod.from_args(argv)
     logs.setup(settings.log_format, settings.log_level)
+    if settings.log_format == "json":
+        logs.capture_native_stderr()
     if settings.workers > 1:
         from mnist_edge.server import workers
 

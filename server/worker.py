@@ -44,6 +44,8 @@ def main() -> int:
     limit_malloc_arenas()
     settings = Settings(**json.loads(os.environ["MNIST_EDGE_WORKER_SETTINGS"]))
     logs.setup(settings.log_format, settings.log_level)
+    if settings.log_format == "json":
+        logs.capture_native_stderr()
     channel = _Channel()
     # stdout is the control channel: nothing else may print to it.
     sys.stdout = sys.stderr
