@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers.servers import make_settings
 
 
@@ -36,7 +35,7 @@ def test_a_bad_trust_path_exits_2_before_the_port_opens(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "mnist_edge", "serve", "--address", "127.0.0.1:0", "--metrics-address", "", "--port-file", str(port_file),
          "--trust", str(tmp_path / "missing.pem")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
     )
     assert out.returncode == 2, out.stderr
     assert not port_file.exists()
@@ -67,7 +66,7 @@ def test_native_stderr_lines_become_json_events(fmt):
         "logs.event('done', 'done')\n"
         "logs.flush_native_stderr()\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     lines = out.stderr.splitlines()
     events = [json.loads(line) for line in lines]  # every line is JSON
     tls = [e for e in events if e["event"] == "tls_handshake_failed"]
