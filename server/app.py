@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from mnist_edge import __version__
 from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
 from mnist_edge.protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from mnist_edge.server import lane, logs, model_store, threads, v2
+from mnist_edge.server import drain, lane, logs, model_store, threads, v2
 from mnist_edge.server.core import Core, State
 from mnist_edge.server.model_store import LoadedModel
 from mnist_edge.server.native import DigitClassifierServicer
@@ -142,7 +142,9 @@ class App:
                 ("grpc.max_connection_age_grace_ms", int(max(settings.grace_s, 1.0) * 1000)),
             ]
         options += extra_options or []
-        interceptors = []
+        # The drain gate first: at the end of a drain it holds new calls (server/drain.py).
+        self.gate = drain.DrainGate()
+        interceptors: list[grpc.ServerInterceptor] = [self.gate]
         token = None
         if settings.token_file:
             from mnist_edge.server.auth import TokenInterceptor, read_token
@@ -372,7 +374,11 @@ class App:
         self.stopped.set()
 
     def shutdown(self, reason: str = "signal") -> None:
-        """Readiness NOT_SERVING now; serve new calls for drain_delay_s; stop with grace_s."""
+        """Readiness NOT_SERVING now; serve new calls for drain_delay_s; stop with grace_s.
+
+        Nothing is lost: every call is answered OK, or refused with UNAVAILABLE before it
+        started (the stop sequence in server/drain.py).
+        """
         with self._shutdown_started:
             if self._shutting_down:
                 return
@@ -384,10 +390,14 @@ class App:
         logs.event("draining", f"shutdown ({reason}): readiness NOT_SERVING; serving new calls for {s.drain_delay_s}s", reason=reason, drain_delay_s=s.drain_delay_s)
         if s.drain_delay_s > 0 and was is State.SERVING:
             time.sleep(s.drain_delay_s)
+        self._hold_new_calls()
         if self.core.state is not State.FAILED:
             self.core.set_state(State.STOPPING)
         logs.event("stopping", f"refusing new calls; calls in flight have {s.grace_s}s to finish", grace_s=s.grace_s)
-        self.server.stop(s.grace_s).wait()
+        stopped = self.server.stop(s.grace_s)
+        stopped.wait(drain.GOAWAY_S)  # the GOAWAY reaches clients before their held calls are refused
+        self._release_held_calls()
+        stopped.wait()
         self._stop_pools()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
@@ -395,6 +405,33 @@ class App:
             self._metrics_httpd.shutdown()
         logs.event("stopped", "server stopped", exit_code=self.exit_code)
         self.stopped.set()
+
+    def _calls_in_progress(self) -> int | None:
+        """Calls started and not yet answered (held ones excluded), or None if unknown."""
+        pool = drain.grpcio_calls_in_progress(self.server)
+        if pool is None:
+            return None
+        lane_calls = self.lane.calls_in_progress() if self.lane is not None and hasattr(self.lane, "calls_in_progress") else 0
+        return max(0, pool - self.gate.held) + lane_calls
+
+    def _hold_new_calls(self) -> None:
+        """Hold new calls, then wait (bounded) until no call is in progress: from then on no
+        client with one call at a time is free to send a call into gRPC's shutdown."""
+        self.gate.hold()
+        if self.lane is not None and hasattr(self.lane, "hold"):
+            self.lane.hold()
+        end = time.monotonic() + min(drain.HOLD_MAX_S, self.settings.grace_s / 2)
+        while time.monotonic() < end:
+            busy = self._calls_in_progress()
+            if busy == 0:
+                time.sleep(drain.SETTLE_S)
+                break
+            time.sleep(0.005)
+
+    def _release_held_calls(self) -> None:
+        self.gate.release()
+        if self.lane is not None and hasattr(self.lane, "release"):
+            self.lane.release()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.stopped.wait(timeout)
