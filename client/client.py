@@ -10,7 +10,8 @@ the same protobuf package in a user's process).
             print(p.digit, p.confidence)
 
 Several targets (or a `dns:///name:port` target) are balanced round-robin, and a
-call that meets UNAVAILABLE is retried on another replica by gRPC's retry policy.
+call that meets UNAVAILABLE or CANCELLED is retried on another replica by gRPC's retry policy
+(`RETRYABLE`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ from mnist_edge.protos.digits.v1 import digits_pb2 as pb
 from mnist_edge.protos.digits.v1 import digits_pb2_grpc as pb_grpc
 
 SERVICE = "digits.v1.DigitClassifier"
+
+# Statuses retried on another replica (gRPC retries only what the server answered; a call this
+# process cancels or times out is not retried). UNAVAILABLE: the server refused the call before
+# starting it (shutting down, starting up, unreachable). CANCELLED: gRPC core cancels a call
+# that reaches a server whose shutdown has begun, although the call never started; and a call a
+# server cancels at the end of its grace period is safe to send again, as every method of this
+# service is idempotent (classifying an image twice gives the same answer, and changes nothing).
+RETRYABLE = ("UNAVAILABLE", "CANCELLED")
 
 
 class ClientError(RuntimeError):
@@ -64,7 +73,7 @@ def _service_config(retries: int) -> str:
                         "initialBackoff": "0.05s",
                         "maxBackoff": "1s",
                         "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
+                        "retryableStatusCodes": list(RETRYABLE),
                     },
                 }
             ],

@@ -58,7 +58,7 @@ class DrainGate(grpc.ServerInterceptor):
             self.held += 1
         return _refusing(handler, self._refuse)
 
-    def _refuse(self, request, context: grpc.ServicerContext):  # noqa: ARG002 - a handler's signature
+    def _refuse(self, request, context: grpc.ServicerContext):
         try:
             self._released.wait(30)  # bounded: release() comes within HOLD_MAX_S + SETTLE_S + GOAWAY_S
         finally:

@@ -345,3 +345,31 @@ def test_a_bad_target_list_is_a_message_not_a_traceback(command, tmp_path, capsy
     err = capsys.readouterr().err
     assert f"mnist-edge {command}: --target 'localhost:1,localhost:2'" in err
     assert "several targets must be IPv4" in err
+
+
+def test_a_call_the_server_cancelled_before_starting_it_is_retried():
+    """gRPC core cancels a call that reaches a server whose shutdown has begun (issue 18): the
+    client library sends it again, as it does an UNAVAILABLE one."""
+    from concurrent import futures
+
+    from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
+
+    attempts = []
+
+    class Flaky(digits_pb2_grpc.DigitClassifierServicer):
+        def Classify(self, request, context):
+            attempts.append(len(attempts))
+            if len(attempts) == 1:
+                context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+            return digits_pb2.ClassifyResponse(predictions=[digits_pb2.Prediction(digit=3, confidence=0.9)])
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    digits_pb2_grpc.add_DigitClassifierServicer_to_server(Flaky(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with DigitClient(f"127.0.0.1:{port}", timeout=10) as c:
+            predictions = c.classify([np.zeros((28, 28), np.uint8)])
+        assert [p.digit for p in predictions] == [3] and len(attempts) == 2
+    finally:
+        server.stop(0)
