@@ -179,6 +179,7 @@ class App:
                     max_calls=settings.max_concurrent_rpcs,
                     gather_s=settings.max_queue_delay_us / 1e6,
                     max_group=settings.max_batch_size,
+                    max_images=settings.max_queue,
                 )
             else:
                 logs.event("lane_unavailable", "this grpcio lacks what the inference lane needs: ModelInfer and Classify are served from the handler threads", logging.WARNING)
@@ -411,26 +412,27 @@ class App:
         pool = drain.grpcio_calls_in_progress(self.server)
         if pool is None:
             return None
-        lane_calls = self.lane.calls_in_progress() if self.lane is not None and hasattr(self.lane, "calls_in_progress") else 0
+        lane_calls = self.lane.calls_in_progress() if self.lane is not None else 0
         return max(0, pool - self.gate.held) + lane_calls
 
     def _hold_new_calls(self) -> None:
-        """Hold new calls, then wait (bounded) until no call is in progress: from then on no
-        client with one call at a time is free to send a call into gRPC's shutdown."""
+        """Hold new calls, then wait (bounded) until no call is in progress and none has arrived
+        for a moment: from then on no client with one call at a time is free to send a call
+        into gRPC's shutdown."""
         self.gate.hold()
-        if self.lane is not None and hasattr(self.lane, "hold"):
+        if self.lane is not None:
             self.lane.hold()
-        end = time.monotonic() + min(drain.HOLD_MAX_S, self.settings.grace_s / 2)
+        start = time.monotonic()
+        end = start + min(drain.HOLD_MAX_S, self.settings.grace_s / 2)
         while time.monotonic() < end:
-            busy = self._calls_in_progress()
-            if busy == 0:
-                time.sleep(drain.SETTLE_S)
+            arrived = max(self.gate.last_arrival, self.lane.last_arrival if self.lane is not None else 0.0, start)
+            if self._calls_in_progress() == 0 and time.monotonic() - arrived >= drain.SETTLE_S:
                 break
             time.sleep(0.005)
 
     def _release_held_calls(self) -> None:
         self.gate.release()
-        if self.lane is not None and hasattr(self.lane, "release"):
+        if self.lane is not None:
             self.lane.release()
 
     def wait(self, timeout: float | None = None) -> bool:

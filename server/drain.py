@@ -7,8 +7,9 @@ previous call has just been answered, loses it. So the shutdown waits for a mome
 client is free to send:
 
 1. `hold()`: calls that arrive from now on are held, not started (answered later);
-2. the server waits until no call is in progress (bounded), and a moment more: every client
-   that had a call in progress has now been answered and its next call is held;
+2. the server waits (bounded) until no call is in progress and no new call has arrived for a
+   moment: every client that had a call in progress has been answered and its next call is
+   held;
 3. gRPC's shutdown begins (GOAWAY); clients blocked on held calls send nothing meanwhile;
 4. `release()`: each held call is refused with UNAVAILABLE, which a client may retry
    elsewhere (it was never started); its next call finds the GOAWAY and the closed port.
@@ -24,13 +25,14 @@ its own calls (server/lane.py).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
+from mnist_edge.server.lane import REFUSAL
 
-REFUSAL = "the server is shutting down: this call was not started; retry it (on another replica)"
 HOLD_MAX_S = 1.0  # longest wait for calls in progress before gRPC's shutdown begins (less if --grace-s is short)
-SETTLE_S = 0.05  # after the last call in progress ends: time for its client's next call to arrive and be held
+SETTLE_S = 0.1  # quiet time (no call in progress, none arriving) that ends the hold: clients are all waiting
 GOAWAY_S = 0.1  # after gRPC's shutdown began: time for the GOAWAY to reach clients before held calls are refused
 
 OPEN, HOLDING, REFUSING = 0, 1, 2
@@ -40,6 +42,7 @@ class DrainGate(grpc.ServerInterceptor):
     def __init__(self) -> None:
         self.stage = OPEN
         self.held = 0  # calls held now (counted when they arrive)
+        self.last_arrival = 0.0  # time.monotonic() when the last call was held
         self._lock = threading.Lock()
         self._released = threading.Event()
 
@@ -56,6 +59,7 @@ class DrainGate(grpc.ServerInterceptor):
             return handler
         with self._lock:
             self.held += 1
+            self.last_arrival = time.monotonic()
         return _refusing(handler, self._refuse)
 
     def _refuse(self, request, context: grpc.ServicerContext):

@@ -13,9 +13,20 @@ group: the handler decodes each request, and the batcher runs the valid ones tog
 (`Batcher.infer_group`: batches of at most --max-batch-size images, --max-queue counted,
 expired deadlines dropped before compute). At concurrency 1 that is a batch of one with no
 hand-off at all; under load, the requests that arrived while a batch ran form the next.
-While the thread answers a group, new calls wait in gRPC core, unread, until it is done: at
-most --max-queue images of work per method (what a group holds beyond that is refused), plus the batch
-another thread (a stream, a handed-off Classify) may be running when the lane needs the model.
+While the thread answers a group, new calls wait in gRPC core, unread, until it is done.
+
+Admission keeps overload from costing goodput or memory: the lane reads a call's message only
+while the images it has admitted (read or being read, not yet answered) are under --max-queue,
+counting a message being read at the size recent calls of its method had; the other calls it
+has taken wait unread, in arrival order, and are read as answers free room. A group holds at
+most --max-queue images (by message size: 784 bytes or more per image); calls read beyond that
+wait, read, for the next group, so no call is refused because others arrived with it. A
+waiting call is refused with RESOURCE_EXHAUSTED at once when the work ahead of it (estimated
+from recent groups) would not let it start before its deadline, or would keep it waiting
+more than MAX_WAIT_S (docs/limits.md).
+
+At the end of a drain the lane holds new calls, unread, and refuses them with UNAVAILABLE once
+gRPC's shutdown has begun (`hold`, `release`; server/drain.py says why).
 
 The lane talks to grpcio's Cython layer (`grpc._cython.cygrpc`), the layer grpcio's own
 servers are built on; `supported()` checks that this grpcio has what the lane uses, and the
@@ -26,6 +37,7 @@ it with reply() or fail(): Classify does so for encoded images, whose decoding m
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -44,6 +56,9 @@ _RECEIVING, _ANSWERING, _HANDED_OFF = 0, 1, 2
 _NO_DEADLINE = 1e15  # gRPC core reports "no deadline" as ~9.2e18 seconds since the epoch
 _POLL_S = 0.5  # how often an idle lane looks at its stop flag
 _EMPTY = ()
+BYTES_PER_IMAGE = 784  # the fewest bytes a request spends on one image: a message's size bounds its images
+MAX_WAIT_S = 5.0  # longest estimated wait for a call taken but not yet read; beyond it, RESOURCE_EXHAUSTED
+REFUSAL = "the server is shutting down: this call was not started; retry it (on another replica)"
 
 
 def supported(server: grpc.Server) -> bool:
@@ -60,7 +75,7 @@ def supported(server: grpc.Server) -> bool:
 class LaneCall:
     """One call on the lane: what a handler reads (`message`, `deadline`, `received_ns`) and answers."""
 
-    __slots__ = ("arrived", "call", "deadline", "message", "method", "received_ns", "stage")
+    __slots__ = ("arrived", "call", "deadline", "images", "message", "method", "received_ns", "stage")
 
     def __init__(self, call, method: _Method, deadline: float | None, arrived: float) -> None:
         self.call = call
@@ -70,6 +85,7 @@ class LaneCall:
         self.message: bytes = b""
         self.received_ns = 0  # time.perf_counter_ns() when the message was read: where the server's time starts
         self.stage = _RECEIVING
+        self.images = 0  # the images admission counts for this call (estimated until its message is read)
 
 
 # A handler answers a group of calls of its method: it must call reply() or fail() once per call.
@@ -77,12 +93,13 @@ Handler = Callable[[list[LaneCall], "Lane"], None]
 
 
 class _Method:
-    __slots__ = ("handler", "name", "open")
+    __slots__ = ("estimate", "handler", "name", "open")
 
     def __init__(self, name: str, handler: Handler) -> None:
         self.name = name
         self.handler = handler
         self.open = True
+        self.estimate = 1.0  # images per call, recently (a moving average): a message being read counts this much
 
 
 class Lane:
@@ -102,6 +119,7 @@ class Lane:
         max_calls: int = 1024,
         gather_s: float = 0.0,
         max_group: int = 256,
+        max_images: int = 4096,
     ) -> None:
         if not supported(server):
             raise RuntimeError("this grpcio does not offer what the inference lane needs")
@@ -125,6 +143,21 @@ class Lane:
         self._thread: threading.Thread | None = None
         self.groups = 0  # groups answered, and calls in them: their ratio is the mean group size
         self.calls = 0
+        # Admission (module docstring): images admitted, calls waiting unread and read-but-deferred.
+        self._max_images = max(1, max_images)
+        self._admitted = 0
+        self._waiting: collections.deque[LaneCall] = collections.deque()
+        self._waiting_images = 0
+        self._deferred: list[LaneCall] = []
+        self._recent_images = 0.0  # images answered and seconds spent, recently (decaying sums): the
+        self._recent_s = 0.0  # lane's pace, weighted by images, for a waiting call's estimate
+        self._taken = 0  # calls taken and not yet ended
+        # Drain: calls held unread at the end of a drain (server/drain.py).
+        self._holding = False
+        self._released = False
+        self._held: list[LaneCall] = []
+        self._hold_lock = threading.Lock()
+        self.last_arrival = 0.0  # time.monotonic() when the last call was held
 
     @property
     def methods(self) -> list[str]:
@@ -181,20 +214,20 @@ class Lane:
         shutdown = cygrpc.CompletionType.queue_shutdown
         complete = cygrpc.CompletionType.operation_complete
         while True:
-            event = poll(time.time() + _POLL_S)
+            # Calls read but deferred (the last group was full) are answered next, without waiting.
+            event = poll(0 if self._deferred else time.time() + _POLL_S)
             kind = event.completion_type
-            if kind == timeout:
+            if kind == shutdown:
+                return
+            if kind == timeout and not self._deferred:
                 if self._stopping:
                     return
                 continue
-            if kind == shutdown:
-                return
-            ready: list[LaneCall] = []
-            while True:
+            ready, self._deferred = self._deferred, []
+            while kind == complete:
                 self._take_safely(event, ready)
                 event = poll(0)  # everything else that is ready now joins this group
-                if event.completion_type != complete:
-                    break
+                kind = event.completion_type
             if ready and self._gather_s > 0:
                 self._gather(ready)
             if ready:
@@ -228,12 +261,16 @@ class Lane:
             now = time.monotonic()
             d = event.call_details.deadline
             c = LaneCall(event.call, tag, None if d > _NO_DEADLINE else now + (d - time.time()), now)
+            self._taken += 1
             if self._authorize is not None:
                 reason = self._authorize(event.invocation_metadata)
                 if reason is not None:
                     self.fail(c, grpc.StatusCode.UNAUTHENTICATED, reason)
                     return
-            c.call.start_server_batch((cygrpc.ReceiveMessageOperation(0),), c)
+            if self._holding:
+                self._hold(c)
+                return
+            self._admit(c, now)
         elif tag.stage == _RECEIVING:
             if not event.success:  # cancelled or broken before the message came: nothing to answer
                 self._release(tag)
@@ -244,13 +281,25 @@ class Lane:
                 return
             tag.message = message
             tag.received_ns = time.perf_counter_ns()
+            n = max(1, len(message) // BYTES_PER_IMAGE)  # what admission counted was an estimate
+            self._admitted += n - tag.images
+            tag.images = n
+            m = tag.method
+            m.estimate += 0.5 * (n - m.estimate)
             ready.append(tag)
         else:  # _ANSWERING: the answer went out (or the call ended); dropping the tag frees the call
             self._release(tag)
 
     def _release(self, c: LaneCall) -> None:
-        """The call has ended: its slot asks gRPC core for the next call of its method."""
+        """The call has ended: its images leave the admitted count (waiting calls may be read now)
+        and its slot asks gRPC core for the next call of its method."""
         c.call = None
+        self._taken -= 1
+        if c.images:
+            self._admitted -= c.images
+            c.images = 0
+            if self._waiting:
+                self._read_waiting()
         m = c.method
         if m.open and not self._stopping:
             try:
@@ -259,6 +308,15 @@ class Lane:
                 m.open = False
 
     def _answer(self, ready: list[LaneCall]) -> None:
+        """Answer the calls of `ready` that fit in one group of --max-queue images; defer the rest."""
+        images = 0
+        for i, c in enumerate(ready):
+            if i and images + c.images > self._max_images:
+                self._deferred = ready[i:]
+                ready = ready[:i]
+                break
+            images += c.images
+        started = time.monotonic()
         self.groups += 1
         self.calls += len(ready)
         groups: dict[_Method, list[LaneCall]] = {}
@@ -277,3 +335,72 @@ class Lane:
                 error = "a call was left unanswered"
             for c in left:  # every call is answered, whatever the handler did
                 self.fail(c, grpc.StatusCode.INTERNAL, f"internal error in {method.name.rsplit('/', 1)[-1]}: {error}; the server logged it")
+        self._recent_images = 0.8 * self._recent_images + images
+        self._recent_s = 0.8 * self._recent_s + (time.monotonic() - started)
+
+    # -- admission ------------------------------------------------------------------------------
+    def _admit(self, c: LaneCall, now: float) -> None:
+        """Read `c`'s message now if the admitted images leave room; else it waits, unread, or is
+        refused at once when it could not start in time."""
+        estimate = max(1, round(c.method.estimate))
+        if self._admitted == 0 or (not self._waiting and self._admitted + estimate <= self._max_images):
+            self._read(c, estimate)
+            return
+        pace = self._recent_images / self._recent_s if self._recent_s > 0 else 0.0  # images per second
+        wait = (self._admitted + self._waiting_images) / pace if pace > 0 else 0.0
+        if wait > MAX_WAIT_S:
+            self.fail(c, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"the server is overloaded: about {wait:.1f}s of work is ahead of this call, over the {MAX_WAIT_S:g}s a call may wait to start; retry later or elsewhere")
+            return
+        if c.deadline is not None and now + wait > c.deadline:
+            self.fail(c, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"the server is overloaded: this call could not start before its deadline (about {wait:.2f}s of work ahead, {max(0.0, c.deadline - now):.2f}s left)")
+            return
+        c.images = estimate
+        self._waiting_images += estimate
+        self._waiting.append(c)
+
+    def _read(self, c: LaneCall, images: int) -> None:
+        c.images = images
+        self._admitted += images
+        c.call.start_server_batch((cygrpc.ReceiveMessageOperation(0),), c)
+
+    def _read_waiting(self) -> None:
+        """Read waiting calls, oldest first, while the admitted images leave room."""
+        now = time.monotonic()
+        while self._waiting:
+            c = self._waiting[0]
+            if self._admitted and self._admitted + c.images > self._max_images:
+                return
+            self._waiting.popleft()
+            self._waiting_images -= c.images
+            estimate, c.images = c.images, 0
+            if c.deadline is not None and now >= c.deadline:
+                self.fail(c, grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is overloaded: this call could not start before its deadline")
+                continue
+            self._read(c, estimate)
+
+    def calls_in_progress(self) -> int:
+        """Calls taken and not yet answered, those held by a drain excepted."""
+        return self._taken - len(self._held)
+
+    # -- the end of a drain (server/drain.py) ------------------------------------------------------
+    def hold(self) -> None:
+        """Hold new calls, unread, until release()."""
+        self._holding = True
+
+    def release(self) -> None:
+        """Refuse the held calls (and any that arrive from now on) with UNAVAILABLE."""
+        with self._hold_lock:
+            self._released = True
+            held, self._held = self._held, []
+        for c in held:
+            self.fail(c, grpc.StatusCode.UNAVAILABLE, REFUSAL)
+
+    def _hold(self, c: LaneCall) -> None:
+        with self._hold_lock:
+            if not self._released:
+                self._held.append(c)
+                self.last_arrival = time.monotonic()
+                return
+        self.fail(c, grpc.StatusCode.UNAVAILABLE, REFUSAL)
