@@ -4,7 +4,8 @@
 - Every relative Markdown link in every Markdown file of the repository resolves to a file or
   folder of the repository, and every `#anchor` to a heading of the linked document.
 - No tracked file (code, tests, docs, deploy files) cites a document that is not in the
-  repository (a `DESIGN.md`, a `../shared/...` path), and every citation of a section by name
+  repository (an upper-case Markdown name or a docs/ path that is not there, or a path into a
+  shared folder outside the checkout), and every citation of a section by name
   (`docs/design.md, "Lifecycle"`) names a heading that exists.
 - docs/design.md has the sections the code and the tests cite; docs/operating.md lists every
   flag of `mnist-edge serve`, and nothing else as one.
@@ -196,7 +197,7 @@ def test_every_relative_markdown_link_resolves():
 
 # -- citations in every file --------------------------------------------------------------------
 _BINARY_SUFFIXES = {".onnx", ".ort", ".png", ".jpg", ".jpeg", ".gz", ".whl", ".pt", ".sig", ".ico"}
-# A document named in text: an upper-case Markdown name (README.md, DESIGN.md, CHANGELOG.md) or
+# A document named in text: an upper-case Markdown name (README.md, CHANGELOG.md, ...) or
 # any Markdown path under docs/, with the folders before it.
 _DOC_CITE = re.compile(r"(?<![\w/.-])((?:\.\.?/)*(?:[\w.-]+/)*(?:[A-Z][A-Z0-9_-]*\.md|docs/[\w./-]+?\.md))(?![\w-])")
 _OUTSIDE = re.compile(r"(?<![\w.])\.\./(?:\.\./)*shared\b")
