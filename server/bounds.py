@@ -211,14 +211,19 @@ def _walk_model_infer(buf: memoryview) -> None:
 
 
 def check_classify(raw: bytes | memoryview, max_images: int) -> None:
-    """Refuse a serialized digits.v1 ClassifyRequest over a bound, before it is parsed."""
+    """Refuse a serialized digits.v1 ClassifyRequest over a bound, before it is parsed.
+
+    Images are counted exactly up to twice the limit (the message then says how many), and the
+    walk stops there."""
     buf = memoryview(raw)
-    images = _Counter("the request", "images", max_images)
     other = _Counter("the request", "repeated or unknown fields", MAX_OTHER_FIELDS)
+    images = 0
     try:
         for number, wire, value in _fields(buf, 0, len(buf)):
             if number == 1 and wire == 2:
-                images.add()
+                images += 1
+                if images > 2 * max_images:
+                    break
             elif number == 4 and wire == 2:
                 other.add()
                 _check_length("request_id", *value, MAX_ID_BYTES, buf)
@@ -226,3 +231,6 @@ def check_classify(raw: bytes | memoryview, max_images: int) -> None:
                 other.add()
     except _Malformed as exc:
         raise InvalidArgument(f"the request is not a valid ClassifyRequest: its protobuf encoding breaks at byte {exc.args[0]:,}") from None
+    if images > max_images:
+        count = f"more than {2 * max_images}" if images > 2 * max_images else str(images)
+        raise InvalidArgument(f"{count} images in one request, over the limit of {max_images} (--max-request-images)")

@@ -98,8 +98,11 @@ def test_broken_wire_format_is_invalid_argument():
 
 def test_classify_requests_are_bounded_in_images_and_id():
     many = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(pixels=b"")] * 1025).SerializeToString()
-    with pytest.raises(InvalidArgument, match="more than 1,024 images"):
+    with pytest.raises(InvalidArgument, match="1025 images in one request, over the limit of 1024"):
         bounds.check_classify(many, 1024)
+    lots = digits_pb2.ClassifyRequest(images=[digits_pb2.Image()] * 1_000_000).SerializeToString()
+    with pytest.raises(InvalidArgument, match="more than 2048 images in one request"):
+        bounds.check_classify(lots, 1024)
     with pytest.raises(InvalidArgument, match="request_id"):
         bounds.check_classify(digits_pb2.ClassifyRequest(request_id="r" * 10_000).SerializeToString(), 1024)
     bounds.check_classify(digits_pb2.ClassifyRequest(images=[digits_pb2.Image(pixels=b"\0" * 784)] * 3, request_id="x").SerializeToString(), 1024)
