@@ -67,6 +67,19 @@ class BindError(RuntimeError):
     """Bad settings or an address that cannot be bound: the process exits 2 before serving."""
 
 
+def check_trust(settings: Settings) -> None:
+    """A bad --trust is bad settings: refused before the port opens (BindError: exit 2), not
+    found later by the model loader (exit 1, after clients saw the port)."""
+    if not settings.trusted_key_files:
+        return
+    from mnist_edge.server.signing import SignatureError, load_public_keys
+
+    try:
+        load_public_keys(settings.trusted_key_files)
+    except SignatureError as exc:
+        raise BindError(str(exc)) from None
+
+
 def unix_path(address: str) -> Path:
     """unix:PATH or unix:///ABSOLUTE/PATH (gRPC's two spellings) -> the socket's path."""
     rest = address[len("unix:"):]
@@ -104,15 +117,7 @@ class App:
     def __init__(self, settings: Settings, loader: Loader | None = None, *, reuseport: bool = False, extra_options: list[tuple[str, object]] | None = None) -> None:
         self.settings = settings
         self.loader = loader or default_loader
-        if settings.trusted_key_files:
-            # A bad --trust is bad settings: refused before the port opens (exit 2), not
-            # found later by the model loader (exit 1, after clients saw the port).
-            from mnist_edge.server.signing import SignatureError, load_public_keys
-
-            try:
-                load_public_keys(settings.trusted_key_files)
-            except SignatureError as exc:
-                raise BindError(str(exc)) from None
+        check_trust(settings)
         self.core = Core(settings)
         self.stopped = threading.Event()
         self.exit_code = 0

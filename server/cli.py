@@ -33,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         logs.capture_native_stderr()
     if settings.workers > 1:
         from mnist_edge.server import workers
+        from mnist_edge.server.app import BindError, check_trust
+
+        try:
+            check_trust(settings)  # before the parent reserves the port
+        except BindError as exc:
+            logs.event("bind_failed", str(exc), 40)
+            return 2
 
         return workers.run(settings)
     from mnist_edge.server.app import App, BindError

@@ -30,11 +30,12 @@ def test_a_unix_socket_is_created_with_its_mode_not_the_umasks(tmp_path, monkeyp
         os.umask(old)
 
 
-def test_a_bad_trust_path_exits_2_before_the_port_opens(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_bad_trust_path_exits_2_before_the_port_opens(tmp_path, workers):
     port_file = tmp_path / "port"
     out = subprocess.run(
         [sys.executable, "-m", "mnist_edge", "serve", "--address", "127.0.0.1:0", "--metrics-address", "", "--port-file", str(port_file),
-         "--trust", str(tmp_path / "missing.pem")],
+         "--workers", workers, "--trust", str(tmp_path / "missing.pem")],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert out.returncode == 2, out.stderr
