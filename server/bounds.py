@@ -178,7 +178,7 @@ def check_model_infer(raw: bytes | memoryview) -> None:
     try:
         _walk_model_infer(buf)
     except _Malformed as exc:
-        raise InvalidArgument(f"the request is not a valid ModelInferRequest: its protobuf encoding breaks at byte {exc.args[0]:,}") from None
+        raise InvalidArgument(f"the request is not a valid inference.ModelInferRequest message: its protobuf encoding breaks at byte {exc.args[0]:,}") from None
 
 
 def _walk_model_infer(buf: memoryview) -> None:
@@ -230,7 +230,7 @@ def check_classify(raw: bytes | memoryview, max_images: int) -> None:
             else:
                 other.add()
     except _Malformed as exc:
-        raise InvalidArgument(f"the request is not a valid ClassifyRequest: its protobuf encoding breaks at byte {exc.args[0]:,}") from None
+        raise InvalidArgument(f"the request is not a valid digits.v1.ClassifyRequest message: its protobuf encoding breaks at byte {exc.args[0]:,}") from None
     if images > max_images:
         count = f"more than {2 * max_images}" if images > 2 * max_images else str(images)
         raise InvalidArgument(f"{count} images in one request, over the limit of {max_images} (--max-request-images)")
