@@ -9,9 +9,10 @@ same server (so the same port, TLS, message limits, keepalive and shutdown), and
 does all of it: takes the call, reads the message, runs the model, sends the answer.
 
 Everything that is ready when the thread looks (one pass over the queue) is answered as one
-group: the handler decodes each request, and the batcher runs the valid ones together
-(`Batcher.infer_group`: batches of at most --max-batch-size images, --max-queue counted,
-expired deadlines dropped before compute). At concurrency 1 that is a batch of one with no
+group: the method's handler (`rpc.InferenceRpc.serve_group`, the same code that serves the
+method on the handler threads) decodes each request, and `Core.classify_group` runs the valid
+ones together (batches of at most --max-batch-size images, --max-queue counted, expired
+deadlines dropped before compute). At concurrency 1 that is a batch of one with no
 hand-off at all; under load, the requests that arrived while a batch ran form the next.
 While the thread answers a group, new calls wait in gRPC core, unread, until it is done.
 
@@ -31,8 +32,9 @@ gRPC's shutdown has begun (`hold`, `release`; server/drain.py says why).
 The lane talks to grpcio's Cython layer (`grpc._cython.cygrpc`), the layer grpcio's own
 servers are built on; `supported()` checks that this grpcio has what the lane uses, and the
 server serves ModelInfer and Classify from its thread pool when it does not (or with
---no-infer-lane). A handler may hand a call to another thread (`hand_off`), which then answers
-it with reply() or fail(): Classify does so for encoded images, whose decoding may take long.
+--no-infer-lane). Each call is a `LaneCall`, a `rpc.Responder`: reply() or fail() answers it,
+from the lane thread or, after hand_off(), from another one: Classify hands off calls with
+encoded images, whose decoding may take long.
 """
 
 from __future__ import annotations
@@ -73,9 +75,11 @@ def supported(server: grpc.Server) -> bool:
 
 
 class LaneCall:
-    """One call on the lane: what a handler reads (`message`, `deadline`, `received_ns`) and answers."""
+    """One call on the lane, as a `rpc.Responder`: what a handler reads (`message`, `deadline`,
+    `received_ns`) and answers with reply() or fail(), from the lane thread or another one."""
 
     __slots__ = ("arrived", "call", "deadline", "images", "message", "method", "received_ns", "stage")
+    is_cancelled = None  # the lane does not watch for cancellation: a cancelled call's answer is dropped by gRPC core
 
     def __init__(self, call, method: _Method, deadline: float | None, arrived: float) -> None:
         self.call = call
@@ -87,9 +91,39 @@ class LaneCall:
         self.stage = _RECEIVING
         self.images = 0  # the images admission counts for this call (estimated until its message is read)
 
+    def hand_off(self) -> None:
+        """The handler passes this call to another thread, which will reply() or fail() it."""
+        self.stage = _HANDED_OFF
 
-# A handler answers a group of calls of its method: it must call reply() or fail() once per call.
-Handler = Callable[[list[LaneCall], "Lane"], None]
+    def reply(self, body: bytes) -> None:
+        """Answer OK with the serialized response `body`."""
+        self.stage = _ANSWERING
+        self.call.start_server_batch(
+            (
+                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
+                cygrpc.SendMessageOperation(body, 0),
+                cygrpc.SendStatusFromServerOperation(_EMPTY, cygrpc.StatusCode.ok, b"", 0),
+                cygrpc.ReceiveCloseOnServerOperation(0),
+            ),
+            self,
+        )
+
+    def fail(self, code: grpc.StatusCode, details: str) -> None:
+        """End the call with `code`: a trailers-only response, no message (as grpcio's abort)."""
+        self.stage = _ANSWERING
+        self.call.start_server_batch(
+            (
+                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
+                cygrpc.SendStatusFromServerOperation(_EMPTY, code.value[0], details.encode("utf-8", "replace"), 0),
+                cygrpc.ReceiveCloseOnServerOperation(0),
+            ),
+            self,
+        )
+
+
+# A handler answers a group of calls of its method: it must reply() or fail() each call once
+# (or hand_off() it to a thread that will).
+Handler = Callable[[list[LaneCall]], None]
 
 
 class _Method:
@@ -178,35 +212,6 @@ class Lane:
             self._cq.shutdown()  # wakes the thread at once
             self._thread.join(timeout)
 
-    # -- answering (handlers call these; reply and fail also from other threads) ---------------
-    def hand_off(self, c: LaneCall) -> None:
-        """The handler passes `c` to another thread, which will reply() or fail() it."""
-        c.stage = _HANDED_OFF
-    def reply(self, c: LaneCall, body: bytes) -> None:
-        """Answer OK with the serialized response `body`."""
-        c.stage = _ANSWERING
-        c.call.start_server_batch(
-            (
-                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
-                cygrpc.SendMessageOperation(body, 0),
-                cygrpc.SendStatusFromServerOperation(_EMPTY, cygrpc.StatusCode.ok, b"", 0),
-                cygrpc.ReceiveCloseOnServerOperation(0),
-            ),
-            c,
-        )
-
-    def fail(self, c: LaneCall, code: grpc.StatusCode, details: str) -> None:
-        """End the call with `code`: a trailers-only response, no message (as grpcio's abort)."""
-        c.stage = _ANSWERING
-        c.call.start_server_batch(
-            (
-                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
-                cygrpc.SendStatusFromServerOperation(_EMPTY, code.value[0], details.encode("utf-8", "replace"), 0),
-                cygrpc.ReceiveCloseOnServerOperation(0),
-            ),
-            c,
-        )
-
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
         poll = self._cq.poll
@@ -265,7 +270,7 @@ class Lane:
             if self._authorize is not None:
                 reason = self._authorize(event.invocation_metadata)
                 if reason is not None:
-                    self.fail(c, grpc.StatusCode.UNAUTHENTICATED, reason)
+                    c.fail(grpc.StatusCode.UNAUTHENTICATED, reason)
                     return
             if self._holding:
                 self._hold(c)
@@ -277,7 +282,7 @@ class Lane:
                 return
             message = event.batch_operations[0].message()
             if message is None:
-                self.fail(tag, grpc.StatusCode.UNIMPLEMENTED, f"{tag.method.name} requires exactly one request message")
+                tag.fail(grpc.StatusCode.UNIMPLEMENTED, f"{tag.method.name} requires exactly one request message")
                 return
             tag.message = message
             tag.received_ns = time.perf_counter_ns()
@@ -325,7 +330,7 @@ class Lane:
         for method, calls in groups.items():
             error = None
             try:
-                method.handler(calls, self)
+                method.handler(calls)
             except Exception as exc:  # a handler bug: the calls it left get INTERNAL
                 log.error("unexpected error in %s", method.name, exc_info=exc)
                 error = type(exc).__name__
@@ -334,7 +339,7 @@ class Lane:
                 log.error("%s left %d of %d calls unanswered", method.name, len(left), len(calls))
                 error = "a call was left unanswered"
             for c in left:  # every call is answered, whatever the handler did
-                self.fail(c, grpc.StatusCode.INTERNAL, f"internal error in {method.name.rsplit('/', 1)[-1]}: {error}; the server logged it")
+                c.fail(grpc.StatusCode.INTERNAL, f"internal error in {method.name.rsplit('/', 1)[-1]}: {error}; the server logged it")
         self._recent_images = 0.8 * self._recent_images + images
         self._recent_s = 0.8 * self._recent_s + (time.monotonic() - started)
 
@@ -349,11 +354,11 @@ class Lane:
         pace = self._recent_images / self._recent_s if self._recent_s > 0 else 0.0  # images per second
         wait = (self._admitted + self._waiting_images) / pace if pace > 0 else 0.0
         if wait > MAX_WAIT_S:
-            self.fail(c, grpc.StatusCode.RESOURCE_EXHAUSTED,
+            c.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"the server is overloaded: about {wait:.1f}s of work is ahead of this call, over the {MAX_WAIT_S:g}s a call may wait to start; retry later or elsewhere")
             return
         if c.deadline is not None and now + wait > c.deadline:
-            self.fail(c, grpc.StatusCode.RESOURCE_EXHAUSTED,
+            c.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"the server is overloaded: this call could not start before its deadline (about {wait:.2f}s of work ahead, {max(0.0, c.deadline - now):.2f}s left)")
             return
         c.images = estimate
@@ -376,7 +381,7 @@ class Lane:
             self._waiting_images -= c.images
             estimate, c.images = c.images, 0
             if c.deadline is not None and now >= c.deadline:
-                self.fail(c, grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is overloaded: this call could not start before its deadline")
+                c.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is overloaded: this call could not start before its deadline")
                 continue
             self._read(c, estimate)
 
@@ -395,7 +400,7 @@ class Lane:
             self._released = True
             held, self._held = self._held, []
         for c in held:
-            self.fail(c, grpc.StatusCode.UNAVAILABLE, REFUSAL)
+            c.fail(grpc.StatusCode.UNAVAILABLE, REFUSAL)
 
     def _hold(self, c: LaneCall) -> None:
         with self._hold_lock:
@@ -403,4 +408,4 @@ class Lane:
                 self._held.append(c)
                 self.last_arrival = time.monotonic()
                 return
-        self.fail(c, grpc.StatusCode.UNAVAILABLE, REFUSAL)
+        c.fail(grpc.StatusCode.UNAVAILABLE, REFUSAL)
