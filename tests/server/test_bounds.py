@@ -123,3 +123,22 @@ def test_summaries_read_only_what_they_show():
 def test_every_status_message_is_bounded_on_its_way_out():
     assert len(bounded("y" * 1_000_000)) <= MAX_DETAILS_CHARS
     assert bounded("short") == "short"
+
+
+def test_a_million_repeats_of_one_field_are_refused_without_parsing_them():
+    name = pb.ModelInferRequest.InferInputTensor(name="pixels").SerializeToString()  # "\x0a\x06pixels"
+    tensor = name * 1_000_000
+    raw = b"\x2a" + bytes(_varint(len(tensor))) + tensor  # one input whose name field comes a million times
+    assert "input #1 has more than 16 repeated or unknown fields" in refusal(raw)
+    dims = b"\x18\x01" * 1_000_000  # a million unpacked shape dimensions
+    raw = b"\x2a" + bytes(_varint(len(dims))) + dims
+    assert "shape has more than" in refusal(raw) and "dimensions" in refusal(raw)
+    assert "more than 16 repeated or unknown fields" in refusal(b"\x0a\x01m" * 1_000_000)  # model_name a million times
+
+
+def _varint(n: int) -> list[int]:
+    out = []
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    return [*out, n]
