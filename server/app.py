@@ -185,6 +185,7 @@ class App:
                     gather_s=settings.max_queue_delay_us / 1e6,
                     max_group=settings.max_batch_size,
                     max_images=settings.max_queue,
+                    max_request_images=settings.max_request_images,
                 )
             else:
                 logs.event("lane_unavailable", "this grpcio lacks what the inference lane needs: ModelInfer and Classify are served from the handler threads", logging.WARNING)

@@ -20,7 +20,8 @@ Admission keeps overload from costing goodput or memory: the lane reads a call's
 while the images it has admitted (read or being read, not yet answered) are under --max-queue,
 counting a message being read at the size recent calls of its method had; the other calls it
 has taken wait unread, in arrival order, and are read as answers free room. A group holds at
-most --max-queue images (by message size: 784 bytes or more per image); calls read beyond that
+most --max-queue images (by message size: 784 bytes or more per image, and never more than
+--max-request-images for one call, so a message of junk does not hold others back); calls read beyond that
 wait, read, for the next group, so no call is refused because others arrived with it. A
 waiting call is refused with RESOURCE_EXHAUSTED at once when the work ahead of it (estimated
 from recent groups) would not let it start before its deadline, or would keep it waiting
@@ -154,6 +155,7 @@ class Lane:
         gather_s: float = 0.0,
         max_group: int = 256,
         max_images: int = 4096,
+        max_request_images: int = 1024,
     ) -> None:
         if not supported(server):
             raise RuntimeError("this grpcio does not offer what the inference lane needs")
@@ -179,6 +181,7 @@ class Lane:
         self.calls = 0
         # Admission (module docstring): images admitted, calls waiting unread and read-but-deferred.
         self._max_images = max(1, max_images)
+        self._max_request_images = max(1, max_request_images)
         self._admitted = 0
         self._waiting: collections.deque[LaneCall] = collections.deque()
         self._waiting_images = 0
@@ -286,7 +289,9 @@ class Lane:
                 return
             tag.message = message
             tag.received_ns = time.perf_counter_ns()
-            n = max(1, len(message) // BYTES_PER_IMAGE)  # what admission counted was an estimate
+            # What admission counted was an estimate; no valid request holds more than a full one
+            # (a larger message is junk, refused as soon as it is read: it must not hold others back).
+            n = min(max(1, len(message) // BYTES_PER_IMAGE), self._max_request_images)
             self._admitted += n - tag.images
             tag.images = n
             m = tag.method

@@ -172,6 +172,7 @@ def _admission(max_images: int, admitted: int, pace: float):
 
     ln = lane.Lane.__new__(lane.Lane)
     ln._max_images, ln._admitted, ln._waiting, ln._waiting_images = max_images, admitted, collections.deque(), 0
+    ln._max_request_images = 1024
     ln._recent_images, ln._recent_s = pace, 1.0
     _Call.failed = ln.failed = []
     ln.read = []
