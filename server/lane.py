@@ -3,7 +3,7 @@
 grpcio's sync server moves every unary call between two threads twice: its polling thread
 takes the call from gRPC core and hands it to a pool thread, which asks for the request
 message and sleeps until the polling thread has it. On a one-core device each hand-off is a
-thread wake-up, and together they cost more than the model (README "Speed"). The lane asks
+thread wake-up, and together they cost more than the model (docs/performance.md "Where the time went before the lane"). The lane asks
 gRPC core for the calls of its methods on a completion queue of its own, registered on the
 same server (so the same port, TLS, message limits, keepalive and shutdown), and one thread
 does all of it: takes the call, reads the message, runs the model, sends the answer.

@@ -110,7 +110,7 @@ def render(s: Snapshot) -> str:
     """The Prometheus text exposition format (version 0.0.4), written directly.
 
     A hand-written renderer instead of prometheus_client: on a device it saves the
-    library's ~4.6 MB of resident memory and ~60 ms of start-up (measured, see README),
+    library's ~4.6 MB of resident memory and ~60 ms of start-up (measured, docs/performance.md "Footprint"),
     and the format is a few lines of text. The tests parse it with prometheus_client's
     own parser.
     """
