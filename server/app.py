@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mnist_edge import __version__
@@ -28,6 +28,7 @@ from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
 from mnist_edge.protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from mnist_edge.server import lane, logs, model_store, native, threads, v2
 from mnist_edge.server.core import Core, State
+from mnist_edge.server.health import HealthServicer
 from mnist_edge.server.model_store import LoadedModel
 from mnist_edge.server.native import DigitClassifierServicer
 from mnist_edge.server.settings import Settings
@@ -100,7 +101,7 @@ class App:
         self._shutting_down = False
         self._reload_lock = threading.Lock()
 
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = HealthServicer(experimental_non_blocking=True)
         # grpc's HealthServicer starts with "" SERVING: readiness must start NOT_SERVING.
         for name in READINESS_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
