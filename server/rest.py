@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import time
 from importlib import resources
 
@@ -398,7 +399,8 @@ class RestApi:
         if path == "/v2":
             _expect(method, "GET", path)
             extensions = [*v2.EXTENSIONS, "binary_tensor_data"]
-            return ok_json({"name": "mnist-edge", "version": self.server_version, "extensions": extensions})
+            # Which process answered (as gRPC's ServerMetadata trailer): with --workers N, the spread.
+            return ok_json({"name": "mnist-edge", "version": self.server_version, "extensions": extensions}, headers=[("Mnist-Edge-Pid", str(os.getpid()))])
         if path == "/v2/models/stats":
             _expect(method, "GET", path)
             return self._stats("", "")

@@ -22,6 +22,7 @@
     document.getElementById("auth").hidden = false;
     tokenEl.value = sessionStorage.getItem("mnist-edge-token") || "";
     tokenEl.addEventListener("change", () => sessionStorage.setItem("mnist-edge-token", tokenEl.value.trim()));
+    document.getElementById("auth").addEventListener("submit", (e) => e.preventDefault());
   }
 
   const bars = [];
