@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SETUP = (
     "apt-get install -y libb64-0d && python3 -m venv .venv-triton && "
-    ".venv-triton/bin/pip install 'tritonclient[grpc]==2.41.0' 'nvidia-cuda-runtime-cu12==12.9.79'"
+    ".venv-triton/bin/pip install 'tritonclient[grpc,http]==2.41.0' 'nvidia-cuda-runtime-cu12==12.9.79'"
 )
 
 
@@ -38,12 +38,14 @@ def environment(binary: Path) -> dict[str, str]:
     return env
 
 
-def command(binary: Path, address: str, concurrency: int, requests: int, model: str = "mnist", stability_percent: int = 10, max_trials: int = 10) -> list[str]:
+def command(binary: Path, address: str, concurrency: int, requests: int, model: str = "mnist", stability_percent: int = 10, max_trials: int = 10,
+            protocol: str = "grpc") -> list[str]:
     """One count-bounded measurement: `requests` per window, at most `max_trials` windows, stable
     when the last three windows' throughput and average latency are within `stability_percent`
-    (this machine's noise keeps p99 from ever settling, so stability is judged on the average)."""
+    (this machine's noise keeps p99 from ever settling, so stability is judged on the average).
+    `protocol`: "grpc", or "http" against the REST port (--http-address)."""
     return [
-        str(binary), "-m", model, "-i", "grpc", "-u", address, "--shape", "pixels:28,28", "-b", "1",
+        str(binary), "-m", model, "-i", protocol, "-u", address, "--shape", "pixels:28,28", "-b", "1",
         "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
         "--measurement-request-count", str(requests), "--stability-percentage", str(stability_percent),
         "--max-trials", str(max_trials),
