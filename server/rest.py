@@ -29,7 +29,13 @@ from mnist_edge.protos.digits.v1 import digits_pb2
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.server import images, v2
 from mnist_edge.server.core import Core, State
-from mnist_edge.server.errors import InvalidArgument, NotFound, ServingError, Unavailable, status_of
+from mnist_edge.server.errors import (
+    InvalidArgument,
+    NotFound,
+    ServingError,
+    Unavailable,
+    status_of,
+)
 from mnist_edge.server.http import Request, Response, json_error
 from mnist_edge.server.native import DigitClassifierServicer
 

@@ -595,21 +595,31 @@ def test_cors_is_off_unless_an_origin_is_given(app, client):
         c.close()
 
 
-def test_tls_with_the_grpc_certificate_flags(tmp_path, mnist):
-    pytest.importorskip("cryptography")
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_security import _cert, _key, _pem  # the same PKI helpers the gRPC TLS tests use
-
+def _self_signed(tmp_path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime
     import ipaddress
 
-    from cryptography import x509
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
-    key = _key()
-    cert = _cert("127.0.0.1", key, san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    (tmp_path / "cert.pem").write_bytes(_pem(cert))
-    (tmp_path / "key.pem").write_bytes(_pem(key))
-    with running_server(http_address="127.0.0.1:0", tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")) as app:
-        ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+
+
+def test_tls_with_the_grpc_certificate_flags(tmp_path, mnist):
+    cert, key = _self_signed(tmp_path)
+    with running_server(http_address="127.0.0.1:0", tls_cert=cert, tls_key=key) as app:
+        ctx = ssl.create_default_context(cafile=cert)
         c = Http(app.http_address, context=ctx)
         status, body, _ = c.json("POST", "/v2/models/mnist/infer", pixels_infer(mnist.test.images[:1]))
         assert status == 200 and len(body["outputs"][1]["data"]) == 1
