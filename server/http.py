@@ -95,6 +95,7 @@ class _Messages:
 
     def _reset(self) -> None:
         self.url = b""
+        self.header_bytes = 0
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.size = 0
@@ -114,6 +115,9 @@ class _Messages:
             raise _Refused(json_error(431, f"the request target is over {MAX_HEADER_BYTES} bytes", close=True))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise _Refused(json_error(431, f"the request's headers are over {MAX_HEADER_BYTES} bytes", close=True))
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
