@@ -202,12 +202,12 @@ def parse_infer(request: Request, model_name: str, version: str) -> InferRequest
     """Triton's JSON body, with its binary tensor data extension, -> InferRequest."""
     media = _media_type(request)
     if media not in ("", JSON, OCTET):
-        raise _Unsupported(f"Content-Type {media!r} not supported for inference, expected {JSON} (or {OCTET} with an {HEADER_LENGTH} header)")
+        raise _Unsupported(f"Content-Type {media!r} not supported for inference, expected {JSON} (or {OCTET} with an Inference-Header-Content-Length header)")
     body = request.body
     length_header = request.headers.get(HEADER_LENGTH)
     if length_header is not None:
         if not length_header.strip().isdigit() or int(length_header) > len(body):
-            raise InvalidArgument(f"{HEADER_LENGTH} is {length_header!r}, expected the JSON header's size in bytes (at most the body's {len(body)})")
+            raise InvalidArgument(f"Inference-Header-Content-Length is {length_header!r}, expected the JSON header's size in bytes (at most the body's {len(body)})")
         split = int(length_header)
         header, binary = body[:split], memoryview(body)[split:]
     else:

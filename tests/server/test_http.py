@@ -678,3 +678,57 @@ def test_workers_share_the_http_port(tmp_path, mnist):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_mixed_load_at_concurrency_32_loses_nothing(app, mnist):
+    """32 keep-alive connections for a few seconds, each request checked: JSON, binary,
+    BYTES images, /v1/classify, and bad requests mixed in; every answer has the expected
+    status and, when 200, the right digits."""
+    images = mnist.test.images[:32]
+    probs, digits = grpc_infer(app.address, images)
+    png = png_of(mnist.test.images[0])
+    png_digit = grpc_classify(app.address, [png]).predictions[0].digit
+    bad = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 28, 27], "data": [0] * 756}]})
+    end = time.monotonic() + 4.0
+    failures: list[str] = []
+    counts = [0] * 32
+
+    def worker(k: int) -> None:
+        c = Http(app.http_address)
+        i = 0
+        try:
+            while time.monotonic() < end and i < 2000:
+                kind = (k + i) % 5
+                j = (k * 7 + i) % 32
+                if kind == 0:
+                    status, body, _ = c.json("POST", "/v2/models/mnist/infer", pixels_infer(images[j : j + 1]))
+                    ok = status == 200 and body["outputs"][1]["data"] == [int(digits[j])]
+                elif kind == 1:
+                    req, headers = binary_infer([("pixels", "UINT8", [1, 28, 28], images[j].tobytes())], binary_data_output=True)
+                    r, data = c.request("POST", "/v2/models/mnist/infer", req, headers)
+                    ok = r.status == 200 and np.array_equal(np.frombuffer(split_binary(r, data)[1]["probabilities"], "<f4"), probs[j])
+                elif kind == 2:
+                    r, data = c.request("POST", "/v1/classify", png, {"Content-Type": "image/png"})
+                    ok = r.status == 200 and json.loads(data)["digit"] == png_digit
+                elif kind == 3:
+                    r, data = c.request("POST", "/v2/models/mnist/infer", bad, {"Content-Type": "application/json"})
+                    ok = r.status == 400 and "shape" in json.loads(data)["error"]
+                else:
+                    status, body, _ = c.json("GET", "/v2/health/ready")
+                    ok = status == 200
+                if not ok:
+                    failures.append(f"worker {k} request {i} kind {kind}")
+                i += 1
+        except Exception as exc:  # noqa: BLE001 - any exception is a lost request
+            failures.append(f"worker {k}: {exc!r}")
+        finally:
+            counts[k] = i
+            c.close()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures[:10]
+    assert all(n > 0 for n in counts) and sum(counts) >= 100
