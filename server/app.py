@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from mnist_edge import __version__
 from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
 from mnist_edge.protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from mnist_edge.server import lane, logs, model_store, threads, v2
+from mnist_edge.server import lane, logs, model_store, native, threads, v2
 from mnist_edge.server.core import Core, State
 from mnist_edge.server.model_store import LoadedModel
 from mnist_edge.server.native import DigitClassifierServicer
@@ -149,8 +149,13 @@ class App:
         # hand-offs. grpcio's private layer it uses is checked first; without it they stay on
         # the handler threads.
         self.lane: lane.Lane | None = None
+        # Where ModelInfer and Classify are served ("lane", "handler-threads"), and why not on
+        # the lane when it was asked for: shown in the log, the metrics and GetModelInfo.
+        self.inference_path = "handler-threads"
+        self.lane_fallback_reason = ""
         if settings.infer_lane:
-            if lane.supported(self.server):
+            failure = lane.self_check()
+            if failure is None:
                 self.lane = lane.Lane(
                     self.server,
                     {MODEL_INFER: v2_servicer.model_infer_group, CLASSIFY: native_servicer.classify_group},
@@ -159,12 +164,20 @@ class App:
                     gather_s=settings.max_queue_delay_us / 1e6,
                     max_group=settings.max_batch_size,
                 )
+                self.inference_path = "lane"
             else:
-                logs.event("lane_unavailable", "this grpcio lacks what the inference lane needs: ModelInfer and Classify are served from the handler threads", logging.WARNING)
+                self.lane_fallback_reason = failure
+                logs.event(
+                    "lane_unavailable",
+                    f"inference lane self-check failed ({failure}): ModelInfer and Classify are served from the handler threads",
+                    logging.WARNING,
+                    reason=failure,
+                )
+        self.core.inference_path = self.inference_path
         on_lane = frozenset(self.lane.methods if self.lane else ())
         registrations = [
             (lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(v2_servicer, s), {"ModelInfer": v2.model_infer_handler(v2_servicer)}),
-            (lambda s: digits_pb2_grpc.add_DigitClassifierServicer_to_server(native_servicer, s), None),
+            (lambda s: digits_pb2_grpc.add_DigitClassifierServicer_to_server(native_servicer, s), {"Classify": native.classify_handler(native_servicer)}),
             (lambda s: health_pb2_grpc.add_HealthServicer_to_server(self.health, s), None),
         ]
         self.service_names = [INFERENCE_SERVICE, NATIVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
@@ -259,7 +272,9 @@ class App:
     def metrics_snapshot(self) -> dict:
         from mnist_edge.server.metrics import snapshot
 
-        return snapshot(self.core.stats, self.core.model, self.core.ready, self.core.batcher.queued_images)
+        snap = snapshot(self.core.stats, self.core.model, self.core.ready, self.core.batcher.queued_images)
+        snap["lane_active"] = 1 if self.lane is not None else 0
+        return snap
 
     def start(self, background_load: bool = True) -> "App":
         if self.settings.metrics_address:
