@@ -143,7 +143,7 @@ class App:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             interceptors=interceptors,
         )
-        v2_servicer = InferenceServicer(self.core, __version__)
+        v2_servicer = InferenceServicer(self.core, __version__, offload=self.pool.submit)
         native_servicer = DigitClassifierServicer(self.core, offload=self.pool.submit)
         # ModelInfer and Classify on the inference lane (server/lane.py): one thread, no
         # hand-offs. grpcio's private layer it uses is checked first; without it they stay on

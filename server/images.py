@@ -6,8 +6,8 @@ as the native API does. The elements come as `contents.bytes_contents` or as one
 buffer in Triton's BYTES layout (each element a 4-byte little-endian length, then its
 bytes), which is what tritonclient sends on gRPC and in REST binary data.
 
-`decode_infer` is v2's `decode_infer` with that input added: an `image` request is decoded
-here into a `pixels` request, and every other check (parameters, outputs, limits) is v2's.
+`pixels_request` turns a request carrying `image` into the same request carrying the decoded
+`pixels` (server/v2.py then checks and decodes it like any other: parameters, outputs, limits).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import numpy as np
 
 from mnist_edge.imaging.normalize import ImageError, ImageLimits, normalize_encoded
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
-from mnist_edge.server import v2
 from mnist_edge.server.errors import InvalidArgument
 
 IMAGE_INPUT = "image"
+PIXELS_INPUT = "pixels"
 _LENGTH = struct.Struct("<I")
 
 
@@ -104,25 +104,27 @@ def image_pixels(request: pb.ModelInferRequest, max_images: int, limits: ImageLi
     return normalize_elements(elements, limits)
 
 
-def decode_infer(request: pb.ModelInferRequest, max_images: int, limits: ImageLimits) -> v2.DecodedRequest:
-    """v2.decode_infer, plus the BYTES `image` input (sent instead of `pixels`, never with it)."""
+def has_image(request: pb.ModelInferRequest) -> bool:
+    return any(t.name == IMAGE_INPUT for t in request.inputs)
+
+
+def pixels_request(request: pb.ModelInferRequest, max_images: int, limits: ImageLimits) -> pb.ModelInferRequest | None:
+    """The request with its `image` input decoded into a UINT8 `pixels` input (everything else
+    kept as sent), or None when it has no `image` input. `pixels` and `image` together are refused."""
     inputs = request.inputs
-    if not any(t.name == IMAGE_INPUT for t in inputs):
-        return v2.decode_infer(request, max_images)
+    if not has_image(request):
+        return None
     if len(inputs) != 1:
         names = [t.name for t in inputs]
-        if v2.INPUT in names:
-            raise InvalidArgument(f"inputs '{v2.INPUT}' and '{IMAGE_INPUT}' both given: send one of them (raw pixels, or encoded images)")
-        raise InvalidArgument(f"inputs {names} given, expected one: '{v2.INPUT}' or '{IMAGE_INPUT}'")
+        if PIXELS_INPUT in names:
+            raise InvalidArgument(f"inputs '{PIXELS_INPUT}' and '{IMAGE_INPUT}' both given: send one of them (raw pixels, or encoded images)")
+        raise InvalidArgument(f"inputs {names} given, expected one: '{PIXELS_INPUT}' or '{IMAGE_INPUT}'")
     pixels = image_pixels(request, max_images, limits)
-    n = pixels.shape[0]
-    # The same request with the decoded pixels in place of the images, checked by v2 as any other.
-    as_pixels = pb.ModelInferRequest(
-        model_name=request.model_name, model_version=request.model_version, id=request.id,
-        outputs=request.outputs,
-        inputs=[pb.ModelInferRequest.InferInputTensor(name=v2.INPUT, datatype="UINT8", shape=[n, 28, 28])],
+    converted = pb.ModelInferRequest(
+        model_name=request.model_name, model_version=request.model_version, id=request.id, outputs=request.outputs,
+        inputs=[pb.ModelInferRequest.InferInputTensor(name=PIXELS_INPUT, datatype="UINT8", shape=[pixels.shape[0], 28, 28])],
         raw_input_contents=[pixels.tobytes()],
     )
     for key, value in request.parameters.items():
-        as_pixels.parameters[key].CopyFrom(value)
-    return v2.decode_infer(as_pixels, max_images)
+        converted.parameters[key].CopyFrom(value)
+    return converted

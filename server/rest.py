@@ -2,9 +2,11 @@
 define it over HTTP, the native `POST /v1/classify`, and the page at `/`.
 
 Every route is a translation: a REST request becomes the same protobuf request the gRPC
-APIs take, is checked and answered by the same codecs (`v2`, `images`, the native
-servicer) and `Core`, and the answer is written back as JSON (or Triton's binary tensor
-data). So REST and gRPC give the same answers and the same error messages.
+APIs take and is answered by the same handlers (server/rpc.py: `RestInferRpc` is ModelInfer
+and `RestClassifyRpc` is Classify, with an `HttpCall` as their Responder): the same codecs
+(`v2`, `images`, `native`), `Core`, error mapping and statistics. Only reading the JSON and
+writing it back (or Triton's binary tensor data) is REST's own. So REST and gRPC give the
+same answers and the same error messages.
 
 Status codes: 400 bad request, 401 missing or wrong token, 404 unknown model, version or
 route, 405 wrong method, 413 body too large, 415 unsupported Content-Type or
@@ -20,11 +22,11 @@ import json
 import os
 import time
 from importlib import resources
+from typing import NamedTuple
 
 import numpy as np
 from google.protobuf.message import Message
 
-from mnist_edge.imaging.normalize import ImageLimits
 from mnist_edge.protos.digits.v1 import digits_pb2
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.server import images, v2
@@ -34,10 +36,9 @@ from mnist_edge.server.errors import (
     NotFound,
     ServingError,
     Unavailable,
-    status_of,
 )
 from mnist_edge.server.http import Request, Response, json_error
-from mnist_edge.server.native import DigitClassifierServicer
+from mnist_edge.server.native import ClassifyRpc, DecodedClassify
 
 JSON = "application/json"
 OCTET = "application/octet-stream"
@@ -200,9 +201,6 @@ def _flat_strings(data) -> list:
 
 def parse_infer(request: Request, model_name: str, version: str) -> InferRequest:
     """Triton's JSON body, with its binary tensor data extension, -> InferRequest."""
-    media = _media_type(request)
-    if media not in ("", JSON, OCTET):
-        raise _Unsupported(f"Content-Type {media!r} not supported for inference, expected {JSON} (or {OCTET} with an Inference-Header-Content-Length header)")
     body = request.body
     length_header = request.headers.get(HEADER_LENGTH)
     if length_header is not None:
@@ -323,10 +321,9 @@ class RestApi:
     def __init__(self, core: Core, server_version: str, *, token: bytes | None = None, cors_origin: str | None = None) -> None:
         self.core = core
         self.server_version = server_version
-        s = core.settings
-        self.limits = ImageLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
         self.v2 = v2.InferenceServicer(core, server_version)
-        self.native = DigitClassifierServicer(core)
+        self.infer_rpc = RestInferRpc(core)
+        self.classify_rpc = RestClassifyRpc(core)
         self.token = None
         if token:
             from mnist_edge.server.auth import TokenInterceptor
@@ -458,98 +455,161 @@ class RestApi:
         response = v2.InferenceServicer.ModelStatistics.__wrapped__(self.v2, pb.ModelStatisticsRequest(name=name, version=version), None)
         return ok_json(message_json(response))
 
-    # inference -------------------------------------------------------------------
-    def _refuse_when_stopping(self) -> None:
-        if self.core.state is State.STOPPING:
-            raise Unavailable("the server is shutting down; retry on another replica")
-
+    # inference: the gRPC RPCs' own handlers, with an HTTP call as their Responder ---------
     def _infer(self, request: Request, name: str, version: str) -> Response:
-        now = time.perf_counter_ns
-        core, stats = self.core, self.core.stats
-        t0 = request.received_ns or now()
-        try:
-            self._refuse_when_stopping()
-            core.check_model(name, version)
-        except Exception as exc:  # not a request for our model: not in its statistics
-            stats.record_request("v2_http", status_of(exc).name, now() - t0, model_level=False)
-            raise
-        try:
-            parsed = parse_infer(request, name, version)
-            decoded = images.decode_infer(parsed.message, core.settings.max_request_images, self.limits)
-            t1 = now()
-            result = core.classify(decoded.pixels)
-            t2 = now()
-            response = infer_response(parsed, decoded, result)
-            t3 = now()
-        except _Unsupported:
-            stats.record_request("v2_http", "INVALID_ARGUMENT", now() - t0)
-            raise
-        except Exception as exc:
-            stats.record_request("v2_http", status_of(exc).name, now() - t0)
-            raise
-        stats.record_ok("v2_http", t3 - t0, t1 - t0, t3 - t2, int(result.queue_s * 1e9), int(result.compute_s * 1e9))
-        return response
+        media = _media_type(request)
+        if media not in ("", JSON, OCTET):
+            raise _Unsupported(f"Content-Type {media!r} not supported for inference, expected {JSON} (or {OCTET} with an Inference-Header-Content-Length header)")
+        return self._serve(self.infer_rpc, InferMessage(request, name, version), request)
 
     def _classify(self, request: Request) -> Response:
-        """POST /v1/classify: a raw image body, or JSON {"images": [...]}; answered by the
-        native API's own decoding and normalisation."""
-        t0 = request.received_ns or time.perf_counter_ns()
         media = _media_type(request)
-        raw = media in RAW_IMAGE_TYPES
-        refused: dict[int, str] = {}
-        if raw:
-            message = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=request.body)], return_probabilities=True)
-        elif media == JSON:
-            message, refused = self._classify_message(_parse_json(request.body, "the classify request"))
-        else:
+        if media not in RAW_IMAGE_TYPES and media != JSON:
             raise _Unsupported(
                 f"Content-Type {media or '(none)'!r} not supported for /v1/classify, expected an image "
                 "(image/png, image/jpeg, image/bmp, image/x-portable-graymap, application/octet-stream) or application/json"
             )
-        try:
-            self._refuse_when_stopping()
-            answer, timing = self.native._classify(message, None, None, t0)
-        except Exception as exc:
-            self.core.stats.record_request("native_http", status_of(exc).name, time.perf_counter_ns() - t0)
-            raise
-        self.native._record_ok("native_http", t0, timing)
+        return self._serve(self.classify_rpc, ClassifyMessage(request, raw=media in RAW_IMAGE_TYPES), request)
+
+    def _serve(self, rpc, message, request: Request) -> Response:
+        call = HttpCall(message, request.received_ns or time.perf_counter_ns())
+        rpc.serve(call)
+        return call.response or json_error(500, f"internal error in {rpc.method}: the request was left unanswered; the server logged it")
+
+
+# -- REST calls through server/rpc.py -------------------------------------------------
+class HttpCall:
+    """An HTTP request as a `Responder` (server/rpc.py): the RPC handlers answer it exactly as
+    they answer a gRPC call. `reply` takes the `Response` a REST RPC's `encode` built; `fail`
+    turns a gRPC status into its HTTP status and a JSON error."""
+
+    __slots__ = ("deadline", "is_cancelled", "message", "received_ns", "response")
+
+    def __init__(self, message, received_ns: int) -> None:
+        self.message = message
+        self.received_ns = received_ns
+        self.deadline = None  # HTTP requests carry no deadline; the batcher caps each wait
+        self.is_cancelled = None
+        self.response: Response | None = None
+
+    def reply(self, body: Response) -> None:
+        self.response = body
+
+    def fail(self, code, details: str) -> None:
+        status = HTTP_STATUS.get(code.name, 500)
+        retry = RETRY_AFTER.get(status)
+        self.response = json_error(status, details, [("Retry-After", retry)] if retry else None)
+
+
+class InferMessage(NamedTuple):
+    request: Request
+    model_name: str
+    model_version: str
+
+
+class RestDecoded(NamedTuple):
+    pixels: np.ndarray
+    decoded: v2.DecodedRequest
+    parsed: InferRequest
+
+
+class RestInferRpc(v2.ModelInferRpc):
+    """POST /v2/models/<name>/infer: ModelInfer with a JSON (or binary-data) body in and out;
+    decoding, checks, Core and statistics are ModelInfer's."""
+
+    api = "v2_http"
+
+    def read(self, message: InferMessage) -> InferRequest:
+        if self.core.state is State.STOPPING:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        self.core.check_model(message.model_name, message.model_version)
+        return parse_infer(message.request, message.model_name, message.model_version)
+
+    def decode(self, parsed: InferRequest) -> RestDecoded:
+        decoded = super().decode(parsed.message)
+        return RestDecoded(decoded.pixels, decoded, parsed)
+
+    def encode(self, decoded: RestDecoded, result) -> Response:
+        return infer_response(decoded.parsed, decoded.decoded, result)
+
+
+class ClassifyMessage(NamedTuple):
+    request: Request
+    raw: bool  # the body is one image file (else JSON)
+
+
+class RestClassifyRequest(NamedTuple):
+    message: digits_pb2.ClassifyRequest
+    refused: dict[int, str]  # images refused before decoding (not base64), by index
+    raw: bool
+
+
+class RestClassifyDecoded(NamedTuple):
+    pixels: np.ndarray | None
+    decoded: DecodedClassify
+    request: RestClassifyRequest
+
+
+class RestClassifyRpc(ClassifyRpc):
+    """POST /v1/classify: the native Classify with a raw image or JSON body; decoding,
+    normalisation, Core and statistics are Classify's."""
+
+    api = "native_http"
+
+    def read(self, message: ClassifyMessage) -> RestClassifyRequest:
+        if self.core.state is State.STOPPING:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if message.raw:
+            pb_request = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=message.request.body)], return_probabilities=True)
+            return RestClassifyRequest(pb_request, {}, True)
+        return RestClassifyRequest(*classify_message(_parse_json(message.request.body, "the classify request")), False)
+
+    def decode(self, request: RestClassifyRequest) -> RestClassifyDecoded:
+        decoded = super().decode(request.message)
+        return RestClassifyDecoded(decoded.pixels, decoded, request)
+
+    def encode(self, decoded: RestClassifyDecoded, result) -> Response:
+        answer = self.response(decoded.decoded, result)
+        request = decoded.request
+        with_image = request.message.return_normalized_image
         predictions = [
-            {"error": refused[i]} if i in refused else self._prediction(p, message.return_normalized_image)
+            {"error": request.refused[i]} if i in request.refused else prediction_json(p, with_image)
             for i, p in enumerate(answer.predictions)
         ]
-        if raw:
+        if request.raw:
             return json_error(400, predictions[0]["error"]) if "error" in predictions[0] else ok_json(predictions[0])
         return ok_json({"predictions": predictions, "model_version": answer.model_version})
 
-    def _classify_message(self, obj) -> tuple[digits_pb2.ClassifyRequest, dict[int, str]]:
-        """The native request, and the images refused here (not base64) by index."""
-        if not isinstance(obj, dict) or not isinstance(obj.get("images"), list):
-            raise InvalidArgument('expected {"images": [{"encoded": base64} or {"pixels": base64 of 784 bytes}, ...]}')
-        flag = obj.get("return_normalized_image", False)
-        if not isinstance(flag, bool):
-            raise InvalidArgument("'return_normalized_image' must be true or false")
-        message = digits_pb2.ClassifyRequest(return_probabilities=True, return_normalized_image=flag)
-        refused: dict[int, str] = {}
-        for i, item in enumerate(obj["images"]):
-            image = message.images.add()
-            if not isinstance(item, dict) or len(item) != 1 or not ({"encoded", "pixels"} & item.keys()):
-                refused[i] = f'image {i}: expected {{"encoded": base64 of an image file}} or {{"pixels": base64 of 784 bytes}}'
-                continue  # left empty: the native API refuses it alone
-            key = "encoded" if "encoded" in item else "pixels"
-            try:
-                setattr(image, key, _b64(item[key], f"image {i} {key}"))
-            except InvalidArgument as exc:
-                refused[i] = exc.message  # left empty: refused for this image alone
-        return message, refused
 
-    @staticmethod
-    def _prediction(p: digits_pb2.Prediction, with_image: bool) -> dict:
-        if p.HasField("error"):
-            return {"error": p.error.message}
-        out = {"digit": p.digit, "confidence": p.confidence, "probabilities": list(p.probabilities)}
-        if with_image:
-            out["normalized_image"] = base64.b64encode(p.normalized_image).decode()
-        return out
+def classify_message(obj) -> tuple[digits_pb2.ClassifyRequest, dict[int, str]]:
+    """JSON {"images": [...]} -> the native request, and the images refused here (not base64) by index."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("images"), list):
+        raise InvalidArgument('expected {"images": [{"encoded": base64} or {"pixels": base64 of 784 bytes}, ...]}')
+    flag = obj.get("return_normalized_image", False)
+    if not isinstance(flag, bool):
+        raise InvalidArgument("'return_normalized_image' must be true or false")
+    message = digits_pb2.ClassifyRequest(return_probabilities=True, return_normalized_image=flag)
+    refused: dict[int, str] = {}
+    for i, item in enumerate(obj["images"]):
+        image = message.images.add()
+        if not isinstance(item, dict) or len(item) != 1 or not ({"encoded", "pixels"} & item.keys()):
+            refused[i] = f'image {i}: expected {{"encoded": base64 of an image file}} or {{"pixels": base64 of 784 bytes}}'
+            continue  # left empty: the native API refuses it alone
+        key = "encoded" if "encoded" in item else "pixels"
+        try:
+            setattr(image, key, _b64(item[key], f"image {i} {key}"))
+        except InvalidArgument as exc:
+            refused[i] = exc.message  # left empty: refused for this image alone
+    return message, refused
+
+
+def prediction_json(p: digits_pb2.Prediction, with_image: bool) -> dict:
+    if p.HasField("error"):
+        return {"error": p.error.message}
+    out = {"digit": p.digit, "confidence": p.confidence, "probabilities": list(p.probabilities)}
+    if with_image:
+        out["normalized_image"] = base64.b64encode(p.normalized_image).decode()
+    return out
 
 
 def _expect(method: str, allowed: str, path: str) -> None:

@@ -155,7 +155,7 @@ def test_model_metadata_lists_both_inputs_and_versions_paths(client):
     assert status == 200 and meta["name"] == "mnist" and meta["versions"] == ["1"]
     inputs = {t["name"]: t for t in meta["inputs"]}
     assert inputs["pixels"] == {"name": "pixels", "datatype": "UINT8", "shape": [-1, 28, 28]}
-    assert inputs["image"] == {"name": "image", "datatype": "BYTES", "shape": [-1]}
+    assert inputs["image"] == {"name": "image", "datatype": "BYTES", "shape": [-1, 1]}  # Triton's layout: one file per batch item
     assert {t["name"]: t["datatype"] for t in meta["outputs"]} == {"probabilities": "FP32", "digit": "INT64"}
     assert client.json("GET", "/v2/models/mnist/versions/1")[1] == meta
     assert client.json("GET", "/v2/models/mnist/ready")[0] == 200
@@ -268,7 +268,7 @@ def test_image_input_over_grpc_raw_and_bytes_contents(app, mnist):
             stub.ModelInfer(both, timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not both" not in info.value.details() and "one of them" in info.value.details()
         meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="mnist"))
-        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("pixels", "UINT8", [-1, 28, 28]), ("image", "BYTES", [-1])]
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("pixels", "UINT8", [-1, 28, 28]), ("image", "BYTES", [-1, 1])]
 
 
 def test_bad_image_element_is_400_naming_it(client, mnist):

@@ -1,5 +1,6 @@
 """Triton's own HTTP tools against the REST port, unchanged: `tritonclient.http` 2.41 (JSON and
-binary tensor data, compressed bodies, the BYTES `image` input) and `perf_analyzer -i http`.
+binary tensor data, compressed bodies, the BYTES `image` input; the same images through
+tritonclient.grpc) and `perf_analyzer -i http`.
 
 tritonclient runs in its own Python (.venv-triton, see helpers/triton.py) and only writes
 what it saw; every assertion is made here against an in-process onnxruntime run of the
@@ -33,7 +34,7 @@ import numpy as np
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-address, images_path, pngs_path, out_dir = sys.argv[1:5]
+address, images_path, pngs_path, out_dir, grpc_address = sys.argv[1:6]
 images = np.load(images_path)
 pngs = np.load(pngs_path, allow_pickle=True)
 report = {}
@@ -75,6 +76,15 @@ image = httpclient.InferInput("image", [len(pngs)], "BYTES")
 image.set_data_from_numpy(pngs)
 np.save(f"{out_dir}/image_digits.npy", client.infer("mnist", [image]).as_numpy("digit"))
 
+# the same images through tritonclient.grpc: its BYTES tensors travel as length-prefixed raw contents
+import tritonclient.grpc as grpcclient
+
+g = grpcclient.InferenceServerClient(url=grpc_address)
+gimage = grpcclient.InferInput("image", [len(pngs), 1], "BYTES")
+gimage.set_data_from_numpy(pngs.reshape(-1, 1))
+np.save(f"{out_dir}/grpc_image_digits.npy", g.infer("mnist", [gimage]).as_numpy("digit"))
+g.close()
+
 
 def error_of(call):
     try:
@@ -109,7 +119,7 @@ def test_tritonclient_http_against_the_rest_port(tmp_path, mnist):
     np.save(tmp_path / "pngs.npy", np.array(pngs, dtype=np.object_), allow_pickle=True)
     probs, digits = ort_reference(model_store.load(model_store.resolve_manifest(None)).file, images)
     with running_server(http_address="127.0.0.1:0") as app:
-        proc = subprocess.run([str(python), "-c", SCRIPT, app.http_address, str(tmp_path / "images.npy"), str(tmp_path / "pngs.npy"), str(tmp_path)],
+        proc = subprocess.run([str(python), "-c", SCRIPT, app.http_address, str(tmp_path / "images.npy"), str(tmp_path / "pngs.npy"), str(tmp_path), app.address],
                               capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
         image_expected = ort_reference(app.core.model.file, np.stack([normalize_encoded(p) for p in pngs]))[1]
@@ -122,6 +132,7 @@ def test_tritonclient_http_against_the_rest_port(tmp_path, mnist):
         np.testing.assert_array_equal(np.load(tmp_path / f"{name}_probs.npy"), probs, err_msg=name)
     np.testing.assert_array_equal(np.load(tmp_path / "fp32_digits.npy"), digits[:100])
     np.testing.assert_array_equal(np.load(tmp_path / "image_digits.npy"), image_expected)
+    np.testing.assert_array_equal(np.load(tmp_path / "grpc_image_digits.npy"), image_expected)
     assert report["digit_only"] == ["digit"]
     assert report["unknown_model"]["status"] == "404" or "404" in str(report["unknown_model"]["status"])
     assert report["class_count"] is not None and "classification" in report["class_count"]["message"]
@@ -136,7 +147,10 @@ def test_perf_analyzer_over_http(mnist):
         with app.core.stats.locked():
             before = app.core.stats.inference_count
         cmd = pa.command(binary, app.http_address, 2, 200, stability_percent=1000, max_trials=5, protocol="http")
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=pa.environment(binary), check=False)
+        for _ in range(2):  # a load spike on a shared machine can make even 1000% "unstable": once more
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=pa.environment(binary), check=False)
+            if "Failed to obtain stable measurement" not in proc.stdout:
+                break
         with app.core.stats.locked():
             after = app.core.stats.inference_count
     out = proc.stdout + proc.stderr
