@@ -238,7 +238,7 @@ class App:
             self.http = HttpServer(
                 s.http_address, api, max_connections=s.http_max_connections, read_timeout_s=s.http_read_timeout_s,
                 idle_timeout_s=s.http_idle_timeout_s, max_body_bytes=s.max_message_bytes, ssl_context=context,
-                reuseport=reuseport, closing=lambda: self.core.state is State.DRAINING,
+                reuseport=reuseport, closing=lambda: self.core.state in (State.DRAINING, State.STOPPING),
             )
         except OSError as exc:
             raise BindError(f"could not listen on {s.http_address} (--http-address): {exc.strerror or exc}") from None

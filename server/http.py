@@ -202,7 +202,7 @@ class HttpServer:
         self.idle_timeout_s = idle_timeout_s
         self.max_body_bytes = max_body_bytes
         self.ssl_context = ssl_context
-        # True while the server drains: answers carry `Connection: close`, so keep-alive
+        # True while the server drains or stops: answers carry `Connection: close`, so keep-alive
         # clients reconnect (to another replica) instead of staying on this one.
         self.closing = closing
         host, port = address.rsplit(":", 1)
