@@ -73,3 +73,64 @@ def test_native_stderr_lines_become_json_events(fmt):
     tls = [e for e in events if e["event"] == "tls_handshake_failed"]
     assert tls[0]["level"] == "info" and tls[0]["source"] == "ssl_transport_security.cc:2563" and "SSL_ERROR_SSL" in tls[0]["msg"]
     assert [e["msg"] for e in events if e["event"] == "native_log"] == ["plain words from a library"]
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
+
+
+def _hpack_literal(name: bytes, value: bytes) -> bytes:
+    def length(n: int) -> bytes:  # HPACK integer, 7-bit prefix, no Huffman
+        if n < 127:
+            return bytes((n,))
+        out, n = [127], n - 127
+        while n >= 128:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        return bytes([*out, n])
+
+    return b"\x00" + length(len(name)) + name + length(len(value)) + value
+
+
+def test_a_huge_hand_made_header_block_costs_little_and_others_are_served(tmp_path, mnist):
+    """A 1 MB header block sent by hand in CONTINUATION frames: gRPC core reads it (HTTP/2
+    requires it) but keeps only what fits its metadata bounds; the server's memory barely moves
+    and other callers are served (docs/limits.md, "Headers")."""
+    import signal
+    import socket
+
+    import grpc
+    from helpers.servers import health_status, start_cli_server, wait_for
+    from mnist_edge.protos.inference import grpc_service_pb2 as pb
+    from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+    proc, address = start_cli_server(tmp_path)
+    try:
+        wait_for(lambda: health_status(address) == "SERVING", timeout=60)
+
+        def rss_kb() -> int:
+            with open(f"/proc/{proc.pid}/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+        before = rss_kb()
+        host, port = address.rsplit(":", 1)
+        head = b"".join(_hpack_literal(k, v) for k, v in (
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/inference.GRPCInferenceService/ServerLive"),
+            (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+        junk = _h2_frame(9, 0, 1, _hpack_literal(b"x-junk", b"v" * 16_000))
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0, b"") + _h2_frame(1, 0, 1, head))
+            for _ in range(64):  # ~1 MB of header block
+                s.sendall(junk)
+            s.sendall(_h2_frame(9, 4, 1, _hpack_literal(b"x-end", b"1")))  # END_HEADERS
+            with grpc.insecure_channel(address) as ch:
+                request = pb.ModelInferRequest(model_name="mnist", inputs=[pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 28, 28])],
+                                               raw_input_contents=[mnist.test.images[:1].tobytes()])
+                assert len(pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request, timeout=10).outputs) == 2
+        assert rss_kb() - before < 32 * 1024, (before, rss_kb())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
