@@ -17,8 +17,9 @@ client is free to send:
 A client with several calls outstanding at once may still send one into step 3's moment; the
 client library retries what gRPC core cancels there (client/client.py). Timings: docs/limits.md.
 
-`DrainGate` does steps 1 and 4 for the methods grpcio's thread pools serve (as a server
-interceptor, so it costs an attribute read per call while serving); the inference lane holds
+`DrainGate` does steps 1 and 4 for the methods grpcio's thread pools serve, as a server
+interceptor (while serving it costs grpcio's interceptor call and an attribute read per call;
+the ModelInfer and Classify calls on the inference lane do not pass through it); the lane holds
 its own calls (server/lane.py).
 """
 
