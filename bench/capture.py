@@ -1,12 +1,13 @@
 """Field capture's cost and bounds (docs/field-loop.md), measured on real `mnist-edge serve` processes.
 
-Each round starts, in rotating order, a server with capture off, one with
-`--capture-dir D --capture-below 0.9 --capture-sample 0.05 --capture-max-mb 1`, and one whose
-capture path is a regular file (unusable). Each gets the same digit PNGs three times, one image
-per Classify call (encoded, so the original bytes are kept too), then the same set over REST
-POST /v1/classify when --http is given. Reported per variant, median over rounds: per-call
-latency (median and p90, client side), the server's VmRSS after the calls, calls answered, and
-for the capture folder its size and the PNG + JSON pairs in it.
+Each round starts three servers side by side: capture off, capture on with
+`--capture-dir D --capture-below 0.9 --capture-sample 0.05 --capture-max-mb 1`, and capture
+pointed at a regular file (unusable). Each image of the set (three times over) is sent to all
+three in turn, the order rotating, one image per native Classify call (encoded, so the
+original bytes are kept too): every variant sees the same moments of a noisy machine.
+Reported per variant, medians over rounds: per-call latency (median and p90, client side),
+the server's VmRSS after the calls, calls answered, and for the capture folder its size and
+the PNG + JSON pairs in it.
 
     python -m mnist_edge.bench.capture --rounds 5
     python -m mnist_edge.bench.capture --pngs photos/   # your own PNG/JPEG files instead of typeset digits
@@ -69,41 +70,58 @@ def _start(flags: list[str], tmp: Path) -> tuple[subprocess.Popen, str]:
     return proc, port_file.read_text().strip()
 
 
-def run_variant(flags: list[str], pngs: list[bytes], repeats: int, tmp: Path) -> dict:
+def run_round(variants: dict[str, list[str]], pngs: list[bytes], repeats: int, tmp: Path) -> dict[str, dict]:
+    """Start one server per variant, then send each image to every server in turn (the order
+    rotating per image), so all variants see the same moments of a noisy machine."""
     from mnist_edge.client.client import DigitClient
 
-    proc, address = _start(flags, tmp)
+    procs: dict[str, subprocess.Popen] = {}
+    clients: dict[str, DigitClient] = {}
     try:
-        with DigitClient(address, timeout=30) as client:
+        for name, flags in variants.items():
+            procs[name], address = _start(flags, tmp)
+            clients[name] = DigitClient(address, timeout=30)
+        for client in clients.values():
             end = time.monotonic() + 60
             while client.health(timeout=2) != "SERVING":
                 if time.monotonic() > end:
                     raise RuntimeError("server never SERVING")
                 time.sleep(0.05)
             client.classify([pngs[0]])  # warm-up, not timed
-            latencies, answered, calls = [], 0, 0
-            for _ in range(repeats):
-                for png in pngs:
-                    calls += 1
+        names = list(variants)
+        latencies: dict[str, list[float]] = {n: [] for n in names}
+        answered = dict.fromkeys(names, 0)
+        k = 0
+        for _ in range(repeats):
+            for png in pngs:
+                k += 1
+                for name in names[k % len(names):] + names[: k % len(names)]:
                     t0 = time.perf_counter()
-                    prediction = client.classify([png])[0]
-                    latencies.append(time.perf_counter() - t0)
-                    answered += 0 if prediction.error else 1
-        time.sleep(0.5)  # the writer finishes what is queued
-        rss = _rss_mb(proc.pid)
+                    prediction = clients[name].classify([png])[0]
+                    latencies[name].append(time.perf_counter() - t0)
+                    answered[name] += 0 if prediction.error else 1
+        time.sleep(0.5)  # the writers finish what is queued
+        rss = {name: _rss_mb(proc.pid) for name, proc in procs.items()}
     finally:
-        proc.terminate()
-        try:
-            _, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-    latencies.sort()
-    return {
-        "calls": calls, "answered": answered, "rss_mb": rss,
-        "p50_ms": 1e3 * statistics.median(latencies), "p90_ms": 1e3 * latencies[int(0.9 * (len(latencies) - 1))],
-        "warned_unusable": "capture_unusable" in err,
-    }
+        for client in clients.values():
+            client.close()
+        errors = {}
+        for name, proc in procs.items():
+            proc.terminate()
+            try:
+                errors[name] = proc.communicate(timeout=20)[1]
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                errors[name] = proc.communicate()[1]
+    out = {}
+    for name in names:
+        lat = sorted(latencies[name])
+        out[name] = {
+            "calls": len(lat), "answered": answered[name], "rss_mb": rss[name],
+            "p50_ms": 1e3 * statistics.median(lat), "p90_ms": 1e3 * lat[int(0.9 * (len(lat) - 1))],
+            "warned_unusable": "capture_unusable" in errors[name],
+        }
+    return out
 
 
 def folder_facts(d: Path) -> dict:
@@ -138,10 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 "on": ["--capture-dir", str(tmp / f"captures-{r}"), "--capture-below", "0.9", "--capture-sample", "0.05", "--capture-max-mb", "1"],
                 "unusable": ["--capture-dir", str(blocker), "--capture-below", "0.9", "--capture-sample", "0.05", "--capture-max-mb", "1"],
             }
-            names = list(variants)
-            names = names[r % len(names):] + names[: r % len(names)]
-            for name in names:
-                row = run_variant(variants[name], pngs, args.repeats, tmp)
+            results = run_round(variants, pngs, args.repeats, tmp)
+            for name, row in results.items():
                 if name == "on":
                     row.update(folder_facts(tmp / f"captures-{r}"))
                 rows[name].append(row)

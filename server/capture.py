@@ -178,6 +178,12 @@ class Capture:
     # -- the writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            # Lowest CPU priority for this thread alone (Linux: a thread is a task): on a one-core
+            # device the serving threads run first and the writer catches up when they idle.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        try:
             self._scan()
             self._prune_age()
         except OSError:
