@@ -261,7 +261,7 @@ class Capture:
             for entry in os.scandir(day):
                 if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
                     continue
-                stem = day / entry.name.split(".", 1)[0]
+                stem = day / capture_stem(entry.name)
                 stems[stem] = stems.get(stem, 0) + entry.stat(follow_symlinks=False).st_size
         self._index = collections.deque(sorted(stems.items(), key=lambda kv: kv[0].name))
         self._disk_bytes = sum(stems.values())
@@ -326,21 +326,25 @@ def _stem_time(name: str) -> float:
         return 0.0
 
 
+def capture_stem(file_name: str) -> str:
+    """The capture a file belongs to: its name without .png, .json or .orig.<ext>."""
+    if ".orig." in file_name:
+        return file_name[: file_name.index(".orig.")]
+    return file_name.rsplit(".", 1)[0]
+
+
+_ORIGINAL_EXTENSIONS = sorted({ext for _, ext in _MAGIC} | {"bin"})
+
+
 def _remove_capture(stem: Path) -> int:
-    """Delete every file of one capture; returns how many."""
+    """Delete every file of one capture (the sidecar first: readers look for it); returns how many."""
     removed = 0
-    prefix = stem.name + "."
-    try:
-        entries = list(os.scandir(stem.parent))
-    except FileNotFoundError:
-        return 0
-    for entry in entries:
-        if entry.name.startswith(prefix):
-            try:
-                os.unlink(entry.path)
-                removed += 1
-            except FileNotFoundError:
-                pass  # another process pruned it first
+    for suffix in (".json", ".png", *(f".orig.{ext}" for ext in _ORIGINAL_EXTENSIONS)):
+        try:
+            os.unlink(f"{stem}{suffix}")
+            removed += 1
+        except FileNotFoundError:
+            pass  # not part of this capture, or another process pruned it first
     return removed
 
 

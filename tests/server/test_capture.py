@@ -282,3 +282,23 @@ class _Result:
 
 def _result() -> _Result:
     return _Result()
+
+
+def test_captures_of_the_same_second_are_indexed_and_pruned_one_by_one(tmp_path):
+    day = tmp_path / "2026-01-02"
+    day.mkdir()
+    for seq in (1, 2):
+        stem = f"20260102T030405.{seq:06d}Z-7-{seq:06d}"
+        (day / f"{stem}.png").write_bytes(b"p" * 100)
+        (day / f"{stem}.orig.jpg").write_bytes(b"o" * 100)
+        (day / f"{stem}.json").write_bytes(b"{}")
+    c = capture.Capture(str(tmp_path), below=1.0, sample=0.0, max_mb=10, max_age_days=0, private=False, max_image_bytes=1 << 20)
+    c.close()
+    c._scan()
+    assert [(stem.name, size) for stem, size in c._index] == [
+        ("20260102T030405.000001Z-7-000001", 202), ("20260102T030405.000002Z-7-000002", 202),
+    ]
+    assert capture._remove_capture(c._index[0][0]) == 3
+    assert sorted(p.name for p in day.iterdir()) == [
+        "20260102T030405.000002Z-7-000002.json", "20260102T030405.000002Z-7-000002.orig.jpg", "20260102T030405.000002Z-7-000002.png",
+    ]
