@@ -80,7 +80,9 @@ class Capture:
         self.max_age_s = max_age_days * 86400.0 if max_age_days > 0 else 0.0
         self.file_mode = 0o600 if private else 0o640
         self.dir_mode = 0o700 if private else 0o750
-        self.max_image_bytes = max_image_bytes
+        # An original upload is kept within --max-image-bytes and a tenth of the folder's budget:
+        # one large photo must not push every other capture out.
+        self.max_original_bytes = min(max_image_bytes, self.max_bytes_on_disk // 10)
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.counts = {"kept": 0, "dropped": 0, "error": 0}
@@ -119,8 +121,8 @@ class Capture:
             now = time.time()
             for j in keep:
                 original = originals(j) if originals is not None else None
-                if original is not None and len(original) > self.max_image_bytes:
-                    original = None
+                if original is not None and len(original) > self.max_original_bytes:
+                    original = None  # the PNG and sidecar are still kept
                 digit = int(result.digits[j])
                 meta = {
                     "time": now,

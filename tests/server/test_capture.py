@@ -302,3 +302,18 @@ def test_captures_of_the_same_second_are_indexed_and_pruned_one_by_one(tmp_path)
     assert sorted(p.name for p in day.iterdir()) == [
         "20260102T030405.000002Z-7-000002.json", "20260102T030405.000002Z-7-000002.orig.jpg", "20260102T030405.000002Z-7-000002.png",
     ]
+
+
+def test_an_original_larger_than_a_tenth_of_the_budget_is_left_out_and_the_capture_kept(tmp_path):
+    c = capture.Capture(str(tmp_path), below=1.0, sample=0.0, max_mb=1, max_age_days=0, private=False, max_image_bytes=4 << 20)
+    photo = b"\x89PNG" + bytes(200 * 1024)  # a 200 KB upload against a 1 MB folder
+    small = b"\x89PNG" + bytes(1000)
+    try:
+        for original in (photo, small):
+            c.offer("native", "", _result(), np.zeros((1, 28, 28), np.uint8), lambda j, o=original: o, lambda name: None)
+        assert c.flush(20)
+    finally:
+        c.close()
+    metas = captures(tmp_path)
+    assert [m["original"] is None for m in metas] == [True, False]
+    assert all((tmp_path / m["time"][:10] / m["image"]).is_file() for m in metas)
