@@ -149,3 +149,33 @@ def test_label_help_and_an_empty_folder(tmp_path):
     assert out.returncode == 0 and "nothing to label" in out.stdout
     out = subprocess.run([sys.executable, "-m", "mnist_edge", "label", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60, env=env, check=False)
     assert out.returncode == 2 and "not a folder" in out.stderr
+
+
+def test_served_captures_labelled_in_the_terminal_become_training_data(tmp_path, terminal_factory):
+    """The loop up to fine-tuning: a server captures what it is sent, a person labels it in the
+    terminal from the truth, and training reads exactly those images with those labels."""
+    import grpc
+    from helpers.servers import running_server
+    from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
+    from mnist_edge.training import captures
+
+    root = tmp_path / "captures"
+    sent = digit_pngs()[:8]
+    with running_server(capture_dir=str(root), capture_below=1.0) as app, grpc.insecure_channel(app.address) as ch:
+        stub = digits_pb2_grpc.DigitClassifierStub(ch)
+        for _, png in sent:  # one at a time: the captures' names sort in the order sent
+            stub.Classify(digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=png)]), timeout=20)
+        assert app.core.capture.flush(20)
+    t = terminal_factory(root)
+    t.wait_for_text(f"capture 1 of {len(sent)}")
+    for i, (digit, _) in enumerate(sent):
+        t.wait_for_text(f"capture {i + 1} of {len(sent)}")
+        t.keys(str(digit))
+    t.wait_for_text(f"all {len(sent)} captures gone through")
+    t.keys("q")
+    t.wait_for_text(f"saved: {len(sent)} labels")
+    train, held = captures.load([root], held_out=0.0)
+    assert len(held) == 0
+    assert train.labels.tolist() == [digit for digit, _ in sent]
+    for image, (_, png) in zip(train.images, sent):
+        assert np.array_equal(image, normalize_encoded(png))
