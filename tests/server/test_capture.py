@@ -317,3 +317,26 @@ def test_an_original_larger_than_a_tenth_of_the_budget_is_left_out_and_the_captu
     metas = captures(tmp_path)
     assert [m["original"] is None for m in metas] == [True, False]
     assert all((tmp_path / m["time"][:10] / m["image"]).is_file() for m in metas)
+
+
+def test_the_command_serves_with_a_regular_file_at_the_capture_path(tmp_path):
+    """`mnist-edge serve --capture-dir FILE`: a warning, then SERVING, and calls answered."""
+    from helpers.servers import health_status, start_cli_server
+
+    blocker = tmp_path / "captures"
+    blocker.write_text("not a folder")
+    proc, address = start_cli_server(tmp_path, "--capture-dir", str(blocker), "--capture-below", "0.9", "--capture-sample", "0.05",
+                                     "--capture-max-mb", "1", "--log-format", "text")
+    try:
+        wait_for(lambda: health_status(address) == "SERVING", timeout=60)
+        ch, stub = native_stub(type("A", (), {"address": address}))
+        with ch:
+            for _, png in digit_pngs():
+                r = stub.Classify(digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=png)]), timeout=20)
+                assert not r.predictions[0].HasField("error")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "is not usable" in err and str(blocker) in err
+    assert blocker.read_text() == "not a folder"
