@@ -221,6 +221,7 @@ class Capture:
         if not day.is_dir():
             self.dir.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
             day.mkdir(mode=self.dir_mode, exist_ok=True)
+            os.chmod(day, self.dir_mode)  # exactly this mode, whatever the umask
         self._seq += 1
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f"{t % 1:.6f}"[1:] + "Z"
         stem = day / f"{stamp}-{self._pid}-{self._seq:06d}"
@@ -259,10 +260,10 @@ class Capture:
     def _scan(self) -> None:
         """Index the captures on disk (every process's), oldest first."""
         stems: dict[Path, int] = {}
-        for day in sorted(p for p in self.dir.iterdir() if p.is_dir()):
+        for day in sorted(p for p in self.dir.iterdir() if p.is_dir() and is_day_folder(p.name)):
             for entry in os.scandir(day):
-                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
-                    continue
+                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False) or not is_capture_file(entry.name):
+                    continue  # pruning never touches what the writer did not make
                 stem = day / capture_stem(entry.name)
                 stems[stem] = stems.get(stem, 0) + entry.stat(follow_symlinks=False).st_size
         self._index = collections.deque(sorted(stems.items(), key=lambda kv: kv[0].name))
@@ -352,7 +353,7 @@ def _remove_capture(stem: Path) -> int:
 
 def _remove_empty_days(directory: Path) -> None:
     for day in directory.iterdir():
-        if day.is_dir():
+        if day.is_dir() and is_day_folder(day.name):
             try:
                 day.rmdir()
             except OSError:
@@ -367,22 +368,37 @@ def from_settings(settings) -> Capture | None:
 
 
 # -- mnist-edge captures purge ---------------------------------------------------------------------
+def is_day_folder(name: str) -> bool:
+    try:
+        return time.strftime(DAY_FORMAT, time.strptime(name, DAY_FORMAT)) == name
+    except ValueError:
+        return False
+
+
+def is_capture_file(name: str) -> bool:
+    """A file the writer makes: <UTC time>Z-<pid>-<seq> with .png, .json, .orig.<ext>, or its temporary name."""
+    name = name[1:] if name.startswith(".") and name.endswith(".tmp") else name
+    return _stem_time(capture_stem(name)) > 0 and "Z-" in name
+
+
 def purge(directory: str, before: str | None = None) -> int:
-    """Delete captures (all, or those of days before `before`, YYYY-MM-DD); returns how many."""
+    """Delete captures (all, or those of days before `before`, YYYY-MM-DD); returns how many.
+    Only day folders and the files the writer makes are touched: pointed at the wrong folder,
+    purge deletes nothing else."""
     root = Path(directory)
     count = 0
-    for day in sorted(p for p in root.iterdir() if p.is_dir()):
+    for day in sorted(p for p in root.iterdir() if p.is_dir() and is_day_folder(p.name)):
         if before is not None and day.name >= before:
             continue
         for entry in os.scandir(day):
-            if entry.is_file(follow_symlinks=False):
+            if entry.is_file(follow_symlinks=False) and is_capture_file(entry.name):
                 if entry.name.endswith(".json") and not entry.name.startswith("."):
                     count += 1
                 os.unlink(entry.path)
         try:
             day.rmdir()
         except OSError:
-            pass
+            pass  # something that is not a capture is in it: left alone
     return count
 
 

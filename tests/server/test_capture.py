@@ -340,3 +340,20 @@ def test_the_command_serves_with_a_regular_file_at_the_capture_path(tmp_path):
     assert proc.returncode == 0
     assert "is not usable" in err and str(blocker) in err
     assert blocker.read_text() == "not a folder"
+
+
+def test_purge_touches_only_captures(tmp_path):
+    """Pointed at the wrong folder, purge deletes nothing that the writer did not make."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.json").write_text("{}")
+    day = tmp_path / "2020-01-01"
+    day.mkdir()
+    (day / "mine.json").write_text("{}")
+    (day / "20200101T000000.000000Z-1-000001.json").write_text("{}")
+    (day / "20200101T000000.000000Z-1-000001.png").write_bytes(b"p")
+    c = capture.Capture(str(tmp_path), below=1.0, sample=0.0, max_mb=10, max_age_days=0, private=False, max_image_bytes=1 << 20)
+    c.close()
+    c._scan()
+    assert [stem.name for stem, _ in c._index] == ["20200101T000000.000000Z-1-000001"], "the writer's pruning sees only captures"
+    assert capture.purge(str(tmp_path)) == 1
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["2020-01-01", "2020-01-01/mine.json", "notes", "notes/a.json"]
