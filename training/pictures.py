@@ -6,8 +6,7 @@ Two sources are added to MNIST's raw training images:
   pen strokes and captured like a phone or scanner would, then normalised;
 - MNIST training images turned into pictures (inverted, off-centre on a larger canvas,
   enlarged and JPEG'd) and normalised back, so the model learns that a digit sent as a
-  picture is the same digit as its raw pixels (the normaliser redraws strokes; see
-  imaging.strokes).
+  picture is the same digit as its raw pixels (resampling and JPEG change its pixels).
 
 Both are normalised by `imaging.normalize` with the version the model is made for, the
 same call the server makes. Building them costs a minute or two of CPU; the result is
@@ -76,11 +75,10 @@ def mnist_as_pictures(images: np.ndarray, seed: int, version: int, workers: int 
 def _source_digest() -> str:
     """What the cached pictures depend on in code: the modules that draw and normalise."""
     from mnist_edge.imaging import normalize as n
-    from mnist_edge.imaging import strokes as s
     from mnist_edge.training import handwriting as h
 
     digest = hashlib.sha256()
-    for path in (n.__file__, s.__file__, h.__file__, __file__):
+    for path in (n.__file__, h.__file__, __file__):
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
 

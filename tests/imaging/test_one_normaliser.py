@@ -37,6 +37,11 @@ def pictures():
     return raw, labels, np.stack([normalize(p, NORMALISER_VERSION) for p in raw])
 
 
+def test_only_the_current_version_is_offered():
+    with pytest.raises(ValueError, match=f"version {NORMALISER_VERSION + 1} is not available here"):
+        normalize(np.zeros((28, 28)), NORMALISER_VERSION + 1)
+
+
 def test_everyone_is_made_for_the_current_version():
     from mnist_edge.training.train import TrainConfig
 

@@ -54,6 +54,12 @@ def test_same_seed_same_weights_with_augmentation_and_shuffling(tmp_path, mnist)
     a = _smoke(tmp_path, "a.pt", mnist, seed=7)
     b = _smoke(tmp_path, "b.pt", mnist, seed=7)
     assert a.checkpoint["train_config"]["augment"] is True
+    # The picture-path data (a share in proportion to --limit) is part of what the seed fixes.
+    from mnist_edge.imaging.normalize import NORMALISER_VERSION
+
+    assert a.checkpoint["normaliser_version"] == NORMALISER_VERSION
+    assert a.checkpoint["metrics"]["picture_images"] == {"handwriting": 250, "mnist_pictures": 166}
+    assert a.checkpoint["metrics"]["train_images"] == 1000 + 250 + 166
     for key, tensor in a.checkpoint["state_dict"].items():
         assert torch.equal(tensor, b.checkpoint["state_dict"][key]), key
     c = _smoke(tmp_path, "c.pt", mnist, seed=8)
