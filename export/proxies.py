@@ -33,7 +33,7 @@ class ProxySpec:
     """Which images: the same spec and normaliser version always give the same bytes."""
 
     handwriting_per_digit: int = 200
-    fonts_per_digit: int = 100
+    fonts_per_digit: int = 300
     seed: int = 0
 
     def to_dict(self) -> dict[str, int]:

@@ -78,7 +78,7 @@ def test_cli_smoke_run_writes_a_safe_checkpoint(tmp_path, mnist):
     assert "test accuracy" in proc.stdout
     raw = torch.load(out, map_location="cpu", weights_only=True)
     assert raw["format_version"] == 1
-    assert raw["model_config"]["hidden"] == [512, 256, 128]
+    assert raw["model_config"]["hidden"] == [640, 320, 160]
     assert raw["train_config"]["limit"] == 2000 and raw["train_config"]["epochs"] == 1
     assert set(raw["data_sha256"]) == {"train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}
     model, ckpt = load_checkpoint(out)
