@@ -56,6 +56,15 @@ def picture_variants(images: np.ndarray, seed: int = 1234) -> dict[str, list[np.
     return out
 
 
+def per_style(digits: np.ndarray, labels: np.ndarray, styles: list[str]) -> dict[str, list[float]]:
+    """Synthetic handwriting: {"digit:style": [accuracy, images]}."""
+    out: dict[str, list[float]] = {}
+    for name in sorted(set(styles)):
+        pick = np.array([s == name for s in styles])
+        out[name] = [float((np.asarray(digits)[pick] == np.asarray(labels)[pick]).mean()), int(pick.sum())]
+    return out
+
+
 def picture_sets(version: int, mnist_test, *, n_pictures: int = 1000, handwriting_per_digit: int = 200,
                  fonts_per_digit: int = 300, fonts: bool = True, workers: int = 2, log=lambda m: None) -> dict[str, Any]:
     """Every evaluation set normalised by `version`: name -> (images, labels); plus the raw MNIST picture sample."""
@@ -64,8 +73,9 @@ def picture_sets(version: int, mnist_test, *, n_pictures: int = 1000, handwritin
     sets: dict[str, Any] = {"mnist": (mnist_test.images, mnist_test.labels)}
     for split in ("tune", "holdout"):
         log(f"handwriting-{split} ...")
-        x, y, _ = handwriting.build(handwriting_per_digit, split, 0, workers=workers, version=version)
+        x, y, styles = handwriting.build(handwriting_per_digit, split, 0, workers=workers, version=version)
         sets[f"handwriting-{split}"] = (x, y)
+        sets[f"styles:handwriting-{split}"] = styles
     if fonts:
         try:
             for split in ("tune", "holdout"):
@@ -84,13 +94,15 @@ def evaluate_sets(predict: Predict, sets: dict[str, Any]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     raw_digits = None
     for name, value in sets.items():
-        if name == "mnist-pictures":
+        if name == "mnist-pictures" or name.startswith("styles:"):
             continue
         x, y = value
         d = predict(x)
         if name == "mnist":
             raw_digits = d
         results[name] = per_digit(d, y)
+        if f"styles:{name}" in sets:
+            results[name]["per_style"] = per_style(d, y, sets[f"styles:{name}"])
     if "mnist-pictures" in sets and raw_digits is not None:
         idx, variants = sets["mnist-pictures"]
         results["mnist-pictures"] = {k: float((predict(v) == raw_digits[idx]).mean()) for k, v in variants.items()}
@@ -129,8 +141,9 @@ def through_server(target: str, mnist_test, *, n_pictures: int = 1000, handwriti
     results["mnist"] = per_digit(raw_digits, mnist_test.labels)
     for split in ("tune", "holdout"):
         log(f"handwriting-{split} through {target} ...")
-        pics, y, _ = handwriting.build(handwriting_per_digit, split, 0, raw=True, workers=workers)
-        results[f"handwriting-{split}"] = per_digit(classify(pics, encoded=True), y)
+        pics, y, styles = handwriting.build(handwriting_per_digit, split, 0, raw=True, workers=workers)
+        got = classify(pics, encoded=True)
+        results[f"handwriting-{split}"] = {**per_digit(got, y), "per_style": per_style(got, y, styles)}
     if fonts:
         try:
             for split in ("tune", "holdout"):
@@ -173,6 +186,10 @@ def table(results: dict[str, Any]) -> str:
             continue
         cells = " | ".join(f"{100 * a:.1f}" for a in r["per_digit"])
         lines.append(f"| {name} | {100 * r['accuracy']:.2f}% | {cells} | {r['worst_digit']}: {100 * r['worst']:.1f}% |")
+    for name, r in results.items():
+        if isinstance(r, dict) and r.get("per_style"):
+            lines.append("")
+            lines.append(f"{name} by style: " + ", ".join(f"{k} {100 * a:.1f}% ({n})" for k, (a, n) in r["per_style"].items()))
     if "mnist-pictures" in results:
         lines.append("")
         lines.append("MNIST test digits re-sent as pictures, agreement with the raw answer: "
