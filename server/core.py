@@ -1,7 +1,9 @@
 """The serving core shared by every API: lifecycle state, the loaded model, the batcher.
 
-Servicers decode a request into arrays, call `Core.classify`, and encode the result;
-the core knows nothing about protobuf.
+Servicers decode a request into arrays, call the core, and encode the result: `classify`
+for one request (a handler thread, a stream message), `classify_group` for requests that
+arrived together on the inference lane. They never reach the batcher themselves; the core
+knows nothing about protobuf or gRPC.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from mnist_edge.server.batching import Batcher, Result
+from mnist_edge.server.batching import Batcher, GroupRequest, Result
 from mnist_edge.server.errors import NotFound, Unavailable
 from mnist_edge.server.model_store import LoadedModel
 from mnist_edge.server.settings import Settings
@@ -32,6 +34,8 @@ class Core:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.state = State.LOADING
+        # "lane" or "handler-threads": where ModelInfer and Classify run (set by the App).
+        self.inference_path = "handler-threads"
         self.model: LoadedModel | None = None
         self.failure: str | None = None
         self._listeners: list[Callable[[State], None]] = []
@@ -100,3 +104,9 @@ class Core:
         # grpc reports "no deadline" as a huge time_remaining(): the batcher caps each wait.
         deadline = None if remaining_s is None else time.monotonic() + remaining_s
         return self.batcher.infer(pixels, deadline, is_cancelled)
+
+    def classify_group(self, group: Sequence[GroupRequest], deliver: Callable[[int, Result | BaseException], None]) -> None:
+        """Batched inference for requests that arrived together, from one thread (the inference
+        lane): `deliver(i, result_or_error)` once per request of `group`, as soon as its batch
+        ends. Deadlines and arrival times are time.monotonic() seconds (`Batcher.infer_group`)."""
+        self.batcher.infer_group(group, deliver)

@@ -3,15 +3,16 @@
 grpcio's sync server moves every unary call between two threads twice: its polling thread
 takes the call from gRPC core and hands it to a pool thread, which asks for the request
 message and sleeps until the polling thread has it. On a one-core device each hand-off is a
-thread wake-up, and together they cost more than the model (README "Speed"). The lane asks
+thread wake-up, and together they cost more than the model (docs/performance.md "Where the time went before the lane"). The lane asks
 gRPC core for the calls of its methods on a completion queue of its own, registered on the
 same server (so the same port, TLS, message limits, keepalive and shutdown), and one thread
 does all of it: takes the call, reads the message, runs the model, sends the answer.
 
 Everything that is ready when the thread looks (one pass over the queue) is answered as one
-group: the handler decodes each request, and the batcher runs the valid ones together
-(`Batcher.infer_group`: batches of at most --max-batch-size images, --max-queue counted,
-expired deadlines dropped before compute). At concurrency 1 that is a batch of one with no
+group: the method's handler (`rpc.InferenceRpc.serve_group`, the same code that serves the
+method on the handler threads) decodes each request, and `Core.classify_group` runs the valid
+ones together (batches of at most --max-batch-size images, --max-queue counted, expired
+deadlines dropped before compute). At concurrency 1 that is a batch of one with no
 hand-off at all; under load, the requests that arrived while a batch ran form the next.
 While the thread answers a group, new calls wait in gRPC core, unread, until it is done: at
 most --max-queue images of work per method (what a group holds beyond that is refused), plus the batch
@@ -20,8 +21,9 @@ another thread (a stream, a handed-off Classify) may be running when the lane ne
 The lane talks to grpcio's Cython layer (`grpc._cython.cygrpc`), the layer grpcio's own
 servers are built on; `supported()` checks that this grpcio has what the lane uses, and the
 server serves ModelInfer and Classify from its thread pool when it does not (or with
---no-infer-lane). A handler may hand a call to another thread (`hand_off`), which then answers
-it with reply() or fail(): Classify does so for encoded images, whose decoding may take long.
+--no-infer-lane). Each call is a `LaneCall`, a `rpc.Responder`: reply() or fail() answers it,
+from the lane thread or, after hand_off(), from another one: Classify hands off calls with
+encoded images, whose decoding may take long.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 
 import grpc
 
@@ -57,10 +60,55 @@ def supported(server: grpc.Server) -> bool:
     return cy is not None and all(hasattr(cy, n) for n in needed) and all(hasattr(cygrpc, n) for n in ops)
 
 
+PROBE_METHOD = "/mnist_edge.LaneProbe/Echo"
+
+
+def self_check(timeout_s: float = 2.0) -> str | None:
+    """Prove the lane works with this grpcio before a server relies on it: one call through a
+    lane on a throwaway loopback server. None when the echo came back intact; otherwise the
+    reason, and the caller serves ModelInfer and Classify from the handler threads instead.
+
+    `supported()` only sees that the private names exist; this sees that they still behave (a
+    grpcio upgrade may keep a name and change what it does)."""
+    probe = b"mnist-edge lane self-check"
+    server = None
+    lane = None
+    try:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=[("grpc.so_reuseport", 0)])
+        if not supported(server):
+            return "this grpcio lacks the private names the lane uses"
+
+        def echo(calls: list[LaneCall]) -> None:
+            for call in calls:
+                call.reply(call.message)
+
+        lane = Lane(server, {PROBE_METHOD: echo}, max_calls=1)
+        port = server.add_insecure_port("127.0.0.1:0")
+        if port == 0:
+            return "could not open a loopback port for the probe"
+        server.start()
+        lane.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            call = channel.unary_unary(PROBE_METHOD, request_serializer=None, response_deserializer=None)
+            answer = call(probe, timeout=timeout_s)
+        if answer != probe:
+            return f"the probe call came back altered ({len(answer)} bytes, expected {len(probe)})"
+        return None
+    except Exception as exc:  # noqa: BLE001 (any failure means: do not use the lane)
+        return f"the probe call failed: {type(exc).__name__}: {str(exc)[:200]}"
+    finally:
+        if server is not None:
+            server.stop(None).wait(timeout_s)
+        if lane is not None:
+            lane.stop(timeout_s)
+
+
 class LaneCall:
-    """One call on the lane: what a handler reads (`message`, `deadline`, `received_ns`) and answers."""
+    """One call on the lane, as a `rpc.Responder`: what a handler reads (`message`, `deadline`,
+    `received_ns`) and answers with reply() or fail(), from the lane thread or another one."""
 
     __slots__ = ("arrived", "call", "deadline", "message", "method", "received_ns", "stage")
+    is_cancelled = None  # the lane does not watch for cancellation: a cancelled call's answer is dropped by gRPC core
 
     def __init__(self, call, method: _Method, deadline: float | None, arrived: float) -> None:
         self.call = call
@@ -71,9 +119,39 @@ class LaneCall:
         self.received_ns = 0  # time.perf_counter_ns() when the message was read: where the server's time starts
         self.stage = _RECEIVING
 
+    def hand_off(self) -> None:
+        """The handler passes this call to another thread, which will reply() or fail() it."""
+        self.stage = _HANDED_OFF
 
-# A handler answers a group of calls of its method: it must call reply() or fail() once per call.
-Handler = Callable[[list[LaneCall], "Lane"], None]
+    def reply(self, body: bytes) -> None:
+        """Answer OK with the serialized response `body`."""
+        self.stage = _ANSWERING
+        self.call.start_server_batch(
+            (
+                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
+                cygrpc.SendMessageOperation(body, 0),
+                cygrpc.SendStatusFromServerOperation(_EMPTY, cygrpc.StatusCode.ok, b"", 0),
+                cygrpc.ReceiveCloseOnServerOperation(0),
+            ),
+            self,
+        )
+
+    def fail(self, code: grpc.StatusCode, details: str) -> None:
+        """End the call with `code`: a trailers-only response, no message (as grpcio's abort)."""
+        self.stage = _ANSWERING
+        self.call.start_server_batch(
+            (
+                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
+                cygrpc.SendStatusFromServerOperation(_EMPTY, code.value[0], details.encode("utf-8", "replace"), 0),
+                cygrpc.ReceiveCloseOnServerOperation(0),
+            ),
+            self,
+        )
+
+
+# A handler answers a group of calls of its method: it must reply() or fail() each call once
+# (or hand_off() it to a thread that will).
+Handler = Callable[[list[LaneCall]], None]
 
 
 class _Method:
@@ -145,35 +223,6 @@ class Lane:
             self._cq.shutdown()  # wakes the thread at once
             self._thread.join(timeout)
 
-    # -- answering (handlers call these; reply and fail also from other threads) ---------------
-    def hand_off(self, c: LaneCall) -> None:
-        """The handler passes `c` to another thread, which will reply() or fail() it."""
-        c.stage = _HANDED_OFF
-    def reply(self, c: LaneCall, body: bytes) -> None:
-        """Answer OK with the serialized response `body`."""
-        c.stage = _ANSWERING
-        c.call.start_server_batch(
-            (
-                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
-                cygrpc.SendMessageOperation(body, 0),
-                cygrpc.SendStatusFromServerOperation(_EMPTY, cygrpc.StatusCode.ok, b"", 0),
-                cygrpc.ReceiveCloseOnServerOperation(0),
-            ),
-            c,
-        )
-
-    def fail(self, c: LaneCall, code: grpc.StatusCode, details: str) -> None:
-        """End the call with `code`: a trailers-only response, no message (as grpcio's abort)."""
-        c.stage = _ANSWERING
-        c.call.start_server_batch(
-            (
-                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
-                cygrpc.SendStatusFromServerOperation(_EMPTY, code.value[0], details.encode("utf-8", "replace"), 0),
-                cygrpc.ReceiveCloseOnServerOperation(0),
-            ),
-            c,
-        )
-
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
         poll = self._cq.poll
@@ -231,7 +280,7 @@ class Lane:
             if self._authorize is not None:
                 reason = self._authorize(event.invocation_metadata)
                 if reason is not None:
-                    self.fail(c, grpc.StatusCode.UNAUTHENTICATED, reason)
+                    c.fail(grpc.StatusCode.UNAUTHENTICATED, reason)
                     return
             c.call.start_server_batch((cygrpc.ReceiveMessageOperation(0),), c)
         elif tag.stage == _RECEIVING:
@@ -240,7 +289,7 @@ class Lane:
                 return
             message = event.batch_operations[0].message()
             if message is None:
-                self.fail(tag, grpc.StatusCode.UNIMPLEMENTED, f"{tag.method.name} requires exactly one request message")
+                tag.fail(grpc.StatusCode.UNIMPLEMENTED, f"{tag.method.name} requires exactly one request message")
                 return
             tag.message = message
             tag.received_ns = time.perf_counter_ns()
@@ -267,7 +316,7 @@ class Lane:
         for method, calls in groups.items():
             error = None
             try:
-                method.handler(calls, self)
+                method.handler(calls)
             except Exception as exc:  # a handler bug: the calls it left get INTERNAL
                 log.error("unexpected error in %s", method.name, exc_info=exc)
                 error = type(exc).__name__
@@ -276,4 +325,4 @@ class Lane:
                 log.error("%s left %d of %d calls unanswered", method.name, len(left), len(calls))
                 error = "a call was left unanswered"
             for c in left:  # every call is answered, whatever the handler did
-                self.fail(c, grpc.StatusCode.INTERNAL, f"internal error in {method.name.rsplit('/', 1)[-1]}: {error}; the server logged it")
+                c.fail(grpc.StatusCode.INTERNAL, f"internal error in {method.name.rsplit('/', 1)[-1]}: {error}; the server logged it")

@@ -49,6 +49,11 @@ SAMPLES: dict[str, tuple[str, object, str, object]] = {
     "handler_threads": ("9", 9, "11", 11),
     "stream_threads": ("7", 7, "13", 13),
     "max_concurrent_rpcs": ("77", 77, "88", 88),
+    "http_address": ("0.0.0.0:8000", "0.0.0.0:8000", "127.0.0.1:8001", "127.0.0.1:8001"),
+    "http_cors_origin": ("*", "*", "http://ui.local", "http://ui.local"),
+    "http_max_connections": ("64", 64, "128", 128),
+    "http_read_timeout_s": ("5", 5.0, "7.5", 7.5),
+    "http_idle_timeout_s": ("20", 20.0, "40", 40.0),
     "log_format": ("text", "text", "json", "json"),
     "log_level": ("debug", "debug", "error", "error"),
 }
