@@ -25,11 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("models"), help="models directory to publish into")
     p.add_argument("--report-dir", type=Path, default=Path("reports/export"), help="where report.json, report.md and pictures go (success or failure)")
     p.add_argument("--version", type=int, default=None, help="model version to record (an integer; required for export)")
-    # Budgets default to None so --check can tell "given" from "not given" (then the manifest's recorded value applies).
-    p.add_argument("--min-accuracy", type=float, default=None, help=f"gate: int8 test accuracy at least (fraction; default {b.min_accuracy})")
-    p.add_argument("--max-drop", type=float, default=None, help=f"gate: fp32 accuracy minus int8 accuracy at most (fraction; default {b.max_drop})")
-    p.add_argument("--min-agreement", type=float, default=None, help=f"gate: int8 vs PyTorch top-1 agreement at least (fraction; default {b.min_agreement})")
-    p.add_argument("--min-digit-accuracy", type=float, default=None,
+    # Budgets have no argparse default so --check can tell "given" from "not given" (then the
+    # manifest's recorded value applies); export fills in Budgets()' defaults.
+    p.add_argument("--min-accuracy", type=float, default=argparse.SUPPRESS, help=f"gate: int8 test accuracy at least (fraction; default {b.min_accuracy})")
+    p.add_argument("--max-drop", type=float, default=argparse.SUPPRESS, help=f"gate: fp32 accuracy minus int8 accuracy at most (fraction; default {b.max_drop})")
+    p.add_argument("--min-agreement", type=float, default=argparse.SUPPRESS, help=f"gate: int8 vs PyTorch top-1 agreement at least (fraction; default {b.min_agreement})")
+    p.add_argument("--min-digit-accuracy", type=float, default=argparse.SUPPRESS,
                    help=f"gate: accuracy of the worst digit on each held-out proxy split at least (fraction; default {b.min_digit_accuracy})")
     p.add_argument("--proxy-per-digit", type=int, default=None, metavar="N",
                    help=f"synthetic handwritten digits per class in each proxy split (default {ProxySpec().handwriting_per_digit}; 0 = skip)")
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    given = {k: getattr(args, k) for k in ("min_accuracy", "max_drop", "min_agreement", "min_digit_accuracy") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("min_accuracy", "max_drop", "min_agreement", "min_digit_accuracy") if hasattr(args, k)}
     if args.check is not None:
         from mnist_edge.export import check
 
