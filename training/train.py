@@ -1,6 +1,8 @@
 """Train the MLP on MNIST and write a checkpoint: `mnist-edge train`.
 
-`train(cfg) -> TrainResult` is the whole stage; `main()` is a thin argparse shell
+The training set is MNIST's raw images plus picture-path data (training.pictures: synthetic
+handwriting and MNIST re-sent as pictures, normalised by the imaging normaliser version the
+checkpoint records). `train(cfg) -> TrainResult` is the whole stage; `main()` is a thin argparse shell
 around it. Training is deterministic for a given seed on a given machine: the model
 init and dropout use torch's global generator seeded from `seed`, shuffling and
 augmentation use their own generator, and torch runs in deterministic mode with a
