@@ -275,6 +275,8 @@ class App:
 
         snap = snapshot(self.core.stats, self.core.model, self.core.ready, self.core.batcher.queued_images)
         snap["lane_active"] = 1 if self.lane is not None else 0
+        if self.core.capture is not None:
+            snap["captures"] = self.core.capture.snapshot()
         return snap
 
     def start(self, background_load: bool = True) -> "App":
@@ -386,6 +388,8 @@ class App:
             self.lane.stop()
         self.pool.shutdown(wait=False)
         self.stream_pool.shutdown(wait=False)
+        if self.core.capture is not None:
+            self.core.capture.close()  # what is queued is written (briefly) before the process ends
 
     def _stop_now(self) -> None:
         http_stopped = self._stop_http(0)

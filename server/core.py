@@ -41,6 +41,12 @@ class Core:
         self._listeners: list[Callable[[State], None]] = []
         self._lock = threading.Lock()
         self.stats = Statistics()
+        # Field capture (server/capture.py): None unless --capture-dir is set.
+        self.capture = None
+        if getattr(settings, "capture_dir", None):
+            from mnist_edge.server import capture
+
+            self.capture = capture.from_settings(settings)
         self.batcher = Batcher(
             self._run_unloaded,
             max_batch_size=settings.max_batch_size,

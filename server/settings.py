@@ -62,6 +62,12 @@ class Settings:
     handler_threads: int = _opt(4, "threads for unary calls (most recently idle first; more calls wait in line, none is refused); threads start on demand")
     stream_threads: int = _opt(64, "threads for streams: streams open at once (each open stream holds one; more wait for one to close)")
     max_concurrent_rpcs: int = _opt(1024, "calls accepted at once; more get RESOURCE_EXHAUSTED from gRPC (ModelInfer and Classify on the inference lane: more wait in gRPC core)")
+    capture_dir: str | None = _opt(None, "keep the inputs the model was unsure about in this folder, for labelling (docs/field-loop.md); off by default: captured images are user data")
+    capture_below: float = _opt(0.8, "capture an image when its top probability is below this")
+    capture_sample: float = _opt(0.0, "also capture this fraction (0-1) of confident images, for spot checks")
+    capture_max_mb: float = _opt(100.0, "megabytes the captures may take; the oldest are removed beyond it")
+    capture_max_age_days: float = _opt(0.0, "remove captures older than this many days (0: kept until --capture-max-mb needs the room)")
+    capture_private: bool = _opt(False, "capture files mode 0600 and folders 0700 (default 0640 and 0750: readable by the server's group)")
     log_format: str = _opt("json", "log line format: json or text", choices=("json", "text"))
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 
@@ -74,6 +80,14 @@ class Settings:
         for name in ("max_queue_delay_us", "grace_s", "drain_delay_s", "watch_s", "max_connection_age_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.capture_below <= 1:
+            raise ValueError(f"--capture-below must be in (0, 1], got {self.capture_below}")
+        if not 0 <= self.capture_sample <= 1:
+            raise ValueError(f"--capture-sample must be in [0, 1], got {self.capture_sample}")
+        if self.capture_max_mb <= 0:
+            raise ValueError(f"--capture-max-mb must be positive, got {self.capture_max_mb}")
+        if self.capture_max_age_days < 0:
+            raise ValueError(f"--capture-max-age-days must not be negative, got {self.capture_max_age_days}")
         try:
             if not 0 <= int(self.socket_mode, 8) <= 0o777:
                 raise ValueError
