@@ -131,6 +131,7 @@ class App:
             except ValueError as exc:
                 raise BindError(str(exc)) from None
             interceptors.append(token)
+        self.token = token
         # Unary calls on a small last-in-first-out pool; every streaming method on a pool of its
         # own, so open streams never hold the threads unary calls need (server/threads.py).
         self.pool = threads.LifoThreadPool(settings.handler_threads, thread_name_prefix="rpc")
@@ -286,13 +287,33 @@ class App:
             load_seconds=round(time.perf_counter() - started, 3),
         )
 
+    def rotate_token(self) -> bool:
+        """Read --token-file again (SIGHUP): a new token is accepted from now on and the old one
+        refused; a file that cannot be read or holds too short a token keeps the old one. True if it changed."""
+        if self.token is None:
+            return False
+        from mnist_edge.server.auth import read_token
+
+        try:
+            changed = self.token.set_token(read_token(self.settings.token_file))
+        except ValueError as exc:
+            logs.event("token_refused", f"token file not re-read, the previous token stays in effect: {exc}", logging.ERROR)
+            return False
+        # Never the token itself, nor a hash of it.
+        logs.event("token_rotated" if changed else "token_unchanged",
+                   f"{self.settings.token_file}: {'a new token is in effect; the previous one is refused' if changed else 'token unchanged'}",
+                   token_file=self.settings.token_file)
+        return changed
+
     def reload(self, reason: str = "SIGHUP") -> bool:
         """Read the manifest again, verify everything, then swap atomically; True if swapped.
 
         Calls in flight finish on the old model (each batch holds the runner it started
         with). A model that fails any check is refused and the old one keeps serving.
+        The token file is read again first, whatever becomes of the model.
         """
         with self._reload_lock:
+            self.rotate_token()
             current = self.core.model
             if current is None or self.core.state is not State.SERVING:
                 logs.event("reload_skipped", f"reload ({reason}) skipped: the server is {self.core.state.value}", logging.WARNING)

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from mnist_edge.server import logs
+from mnist_edge.server import logs, sd_notify
 from mnist_edge.server.settings import Settings
 
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
@@ -189,6 +189,8 @@ class Supervisor:
     def reload(self, reason: str = "SIGHUP") -> bool:
         """Every worker prepares the new model; all commit, or (if any refuses) all abort."""
         with self._reload_lock:
+            for w in self.workers:  # the token file is read again whatever becomes of the model
+                w.call("rotate_token", timeout=10)
             answers = [w.call("prepare", timeout=120) for w in self.workers]
             refused = [f"worker {w.index}: {a.get('error')}" for w, a in zip(self.workers, answers) if not a.get("ok")]
             versions = {a["result"]["version"] for a in answers if a.get("ok")}
@@ -231,7 +233,8 @@ class Supervisor:
         logs.event("stopped", "all workers stopped", exit_code=self.exit_code)
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, notifier: sd_notify.Notifier | None = None) -> int:
+    notifier = notifier or sd_notify.Notifier(None)
     try:
         sup = Supervisor(settings)
     except ValueError as exc:
@@ -240,6 +243,8 @@ def run(settings: Settings) -> int:
     done = threading.Event()
 
     def on_term(signum, frame):  # noqa: ARG001
+        notifier.stopping(f"shutdown ({signal.Signals(signum).name}): draining {len(sup.workers)} workers")
+
         def stop():
             sup.shutdown(signal.Signals(signum).name)
             done.set()
@@ -260,6 +265,7 @@ def run(settings: Settings) -> int:
         return 1
     if settings.watch_s > 0:
         threading.Thread(target=_watch, args=(sup, settings), daemon=True).start()
+    _notify_systemd(notifier, sup, done)
     while not done.wait(0.5):
         pass
     return sup.exit_code
@@ -274,3 +280,21 @@ def _watch(sup: Supervisor, settings: Settings) -> None:
         if now != last and now is not None:
             last = now
             sup.reload("manifest changed")
+
+
+def _notify_systemd(notifier: sd_notify.Notifier, sup: Supervisor, done: threading.Event) -> None:
+    """READY=1 once every worker serves; WATCHDOG=1 while every worker process runs and the
+    shared port answers a health check (TLS: the processes alone)."""
+    if not notifier.enabled:
+        return
+    notifier.ready(f"serving on {sup.address} with {len(sup.workers)} workers")
+    interval = notifier.watchdog_interval_s
+    if interval is None:
+        return
+    port_answers = None if sup.settings.tls_cert else sd_notify.grpc_health_probe(sup.address, interval / 2)
+
+    def healthy() -> bool:
+        alive = all(w.proc is not None and w.proc.poll() is None for w in sup.workers)
+        return alive and (port_answers is None or port_answers())
+
+    notifier.start_watchdog(healthy, done)
