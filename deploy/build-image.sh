@@ -10,7 +10,9 @@
 #    ~/.cache/mnist-edge/image), so a later run (or a machine whose podman storage was wiped)
 #    imports it in seconds instead of running debootstrap again.
 # 2. The wheelhouse, built on the host: `pip wheel` of this checkout (the project and its base
-#    dependencies, no extras). The image build has no network: it installs with --no-index.
+#    dependencies, no extras) and pip's wheel. The image build has no network: it installs with
+#    --no-index, the dependencies in one layer (reused while they do not change) and the
+#    project in the next.
 # 3. `podman build --format docker` (podman keeps HEALTHCHECK only in the docker format) of
 #    deploy/Dockerfile with BASE=the local base and WHEELS=host-wheels, from a context holding
 #    only the wheelhouse and the health check script. OCI labels carry the git revision.
@@ -73,14 +75,22 @@ fi
 # -- 2. wheelhouse (on the host) --------------------------------------------------------------
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
-mkdir -p "$ctx/deploy" "$ctx/wheelhouse"
+mkdir -p "$ctx/deploy" "$ctx/wheelhouse/deps" "$ctx/wheelhouse/project" "$ctx/wheelhouse/tools"
 cp deploy/mnist-edge-healthcheck "$ctx/deploy/"
-say "wheelhouse: $PY -m pip wheel . (the project and its base dependencies)"
+say "wheelhouse: $PY -m pip wheel . (the project and its base dependencies) and pip's own wheel"
 # A fresh build/ : setuptools would package stale files left there by earlier builds.
 rm -rf build
-"$PY" -m pip wheel -q --disable-pip-version-check --wheel-dir "$ctx/wheelhouse" . 2>&1 \
-  | { grep -v "^WARNING: Location 'file:" || true; } >&2
+quiet() { { grep -v "^WARNING: Location 'file:" || true; } >&2; }
+"$PY" -m pip wheel -q --disable-pip-version-check --wheel-dir "$ctx/wheelhouse/deps" . 2>&1 | quiet
+# pip runs from its wheel inside the build and never enters the image.
+"$PY" -m pip download -q --disable-pip-version-check --no-deps --dest "$ctx/wheelhouse/tools" pip 2>&1 | quiet
 rm -rf build
+mv "$ctx"/wheelhouse/deps/mnist_edge-*.whl "$ctx/wheelhouse/project/"
+# The image build cannot see what a bind mount holds: these digests (RUN arguments) make a
+# changed wheel rebuild its layer, and an unchanged dependency set reuse its layer.
+digest() { (cd "$1" && sha256sum ./*.whl | sha256sum | cut -c1-64); }
+deps_sha=$(digest "$ctx/wheelhouse/deps")
+project_sha=$(digest "$ctx/wheelhouse/project")
 
 # -- 3. the image -----------------------------------------------------------------------
 revision=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
@@ -92,6 +102,7 @@ version=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "r
 say "podman build $TAG (base $BASE, revision $revision)"
 "${PODMAN[@]}" build --format docker --network none --pull-never \
   --build-arg BASE="$BASE" --build-arg WHEELS=host-wheels \
+  --build-arg DEPS_SHA256="$deps_sha" --build-arg PROJECT_SHA256="$project_sha" \
   --build-arg REVISION="$revision" --build-arg VERSION="$version" \
   --build-arg SOURCE="$source_url" \
   -f "$REPO/deploy/Dockerfile" -t "$TAG" "$ctx" >&2
