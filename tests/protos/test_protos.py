@@ -168,13 +168,12 @@ def test_check_reports_changed_missing_and_stale_files(tmp_path):
 def test_check_cli_exits_nonzero_and_names_the_files(tmp_path):
     shutil.copytree(REPO_ROOT / "protos", tmp_path / "protos", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "protos/inference/model_config_pb2.pyi").write_text("")
-    # Run the copied generator so that REPO_ROOT resolves to tmp_path.
+    # Run the copied generator as a script so that its REPO_ROOT resolves to tmp_path.
     proc = subprocess.run(
-        [sys.executable, "-m", "mnist_edge.protos.generate", "--check"],
+        [sys.executable, str(tmp_path / "protos" / "generate.py"), "--check"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )
     assert proc.returncode == 1
     assert "protos/inference/model_config_pb2.pyi" in proc.stderr
@@ -187,8 +186,8 @@ def test_check_cli_exits_nonzero_and_names_the_files(tmp_path):
 
 def test_importing_protos_loads_nothing_generated():
     code = (
-        "import sys, protos\n"
-        "bad = sorted(m for m in sys.modules if m.startswith(('protos.', 'google.protobuf', 'grpc')))\n"
+        "import sys, mnist_edge.protos\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('mnist_edge.protos.', 'google.protobuf', 'grpc')))\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
@@ -197,12 +196,12 @@ def test_importing_protos_loads_nothing_generated():
 def test_v2_modules_import_each_other_through_the_package():
     code = (
         "import sys\n"
-        "import protos.inference.grpc_service_pb2_grpc as g\n"
-        "assert 'protos.inference.model_config_pb2' in sys.modules\n"
+        "import mnist_edge.protos.inference.grpc_service_pb2_grpc as g\n"
+        "assert 'mnist_edge.protos.inference.model_config_pb2' in sys.modules\n"
         "assert 'model_config_pb2' not in sys.modules and 'grpc_service_pb2' not in sys.modules\n"
-        "d = g.protos_dot_inference_dot_grpc__service__pb2.DESCRIPTOR\n"
-        "assert [x.name for x in d.dependencies] == ['protos/inference/model_config.proto'], d.dependencies\n"
-        "import protos.digits.v1.digits_pb2_grpc\n"
+        "d = g.mnist__edge_dot_protos_dot_inference_dot_grpc__service__pb2.DESCRIPTOR\n"
+        "assert [x.name for x in d.dependencies] == ['mnist_edge/protos/inference/model_config.proto'], d.dependencies\n"
+        "import mnist_edge.protos.digits.v1.digits_pb2_grpc\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
 
@@ -691,7 +690,7 @@ def test_schema_equals_tritonclient_2_41(tmp_path):
 
     python = str(tritonclient_python())
     ours = _schema(
-        sys.executable, ["protos.inference.grpc_service_pb2", "protos.inference.model_config_pb2"], REPO_ROOT
+        sys.executable, ["mnist_edge.protos.inference.grpc_service_pb2", "mnist_edge.protos.inference.model_config_pb2"], REPO_ROOT
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     theirs = _schema(
