@@ -225,7 +225,7 @@ class App:
     def metrics_snapshot(self) -> dict:
         from mnist_edge.server.metrics import snapshot
 
-        return snapshot(self.core.stats, self.core.model, self.core.ready, self.core.batcher.queued_images)
+        return snapshot(self.core.stats, self.core.model, self.core.ready, self.core.batcher.queued_images, self.core.previous)
 
     def start(self, background_load: bool = True) -> "App":
         if self.settings.metrics_address:
