@@ -316,10 +316,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.core.model
         if model is None or not self.core.ready:
             return pb.ModelReadyResponse(ready=False)
-        if request.name != model.name:
-            raise NotFound(f"unknown model {request.name!r}; this server serves {model.name!r}")
-        if request.version and request.version != model.version:
-            raise NotFound(f"model {request.name!r} has no version {request.version!r}; the version served is {model.version!r}")
+        self.core.check_model(request.name, request.version)  # NOT_FOUND, unless current or in its grace period
         return pb.ModelReadyResponse(ready=True)
 
     def ServerMetadata(self, request, context):
@@ -333,7 +330,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[model.version],
+            # The current version first, then one in its grace period after a reload.
+            versions=[model.version] if request.version else [m.version for m in self.core.versions()],
             platform=PLATFORM,
             inputs=[tm(name=INPUT, datatype="UINT8", shape=[-1, 28, 28])],
             outputs=[tm(name="probabilities", datatype="FP32", shape=[-1, 10]), tm(name="digit", datatype="INT64", shape=[-1])],
@@ -366,21 +364,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         now = time.perf_counter_ns
         t0 = now()
         try:
-            self.core.check_model(request.model_name, request.model_version)
+            model = self.core.check_model(request.model_name, request.model_version)
         except Exception as exc:  # noqa: BLE001 - not a request for our model: not in its statistics
             self.core.stats.record_request("v2", status_of(exc).name, now() - t0, model_level=False)
             abort(context, exc, "ModelInfer")
+        stats = self.core.stats_for(model)  # a version in its grace period counts apart
         try:
             decoded = decode_infer(request, self.core.settings.max_request_images)
             t1 = now()
-            result = self.core.classify(decoded.pixels, context.time_remaining(), lambda: not context.is_active())
+            result = self.core.classify(decoded.pixels, context.time_remaining(), lambda: not context.is_active(),
+                                        model=model if request.model_version else None)
             t2 = now()
             response = response_bytes(decoded, result)
             t3 = now()
-            self.core.stats.record_ok("v2", t3 - t0, t1 - t0, t3 - t2, int(result.queue_s * 1e9), int(result.compute_s * 1e9))
+            stats.record_ok("v2", t3 - t0, t1 - t0, t3 - t2, int(result.queue_s * 1e9), int(result.compute_s * 1e9))
             return response
         except Exception as exc:  # noqa: BLE001 - mapped to a status here
-            self.core.stats.record_request("v2", status_of(exc).name, now() - t0)
+            stats.record_request("v2", status_of(exc).name, now() - t0)
             abort(context, exc, "ModelInfer")
             return pb.ModelInferResponse()  # not reached: abort raises
 
@@ -393,8 +393,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         core = self.core
         stats = core.stats
         max_images = core.settings.max_request_images
-        group: list[tuple[np.ndarray, float | None, float]] = []
-        owners: list[tuple[object, DecodedRequest, int, int]] = []
+        # One group per model: the current one, and a version in its grace period named by the call.
+        groups: dict[int, tuple[object, list, list]] = {}
         for c in calls:
             t0 = c.received_ns
             try:
@@ -404,19 +404,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 lane.fail(c, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid inference.ModelInferRequest message: {exc}")
                 continue
             try:
-                core.check_model(request.model_name, request.model_version)
+                model = core.check_model(request.model_name, request.model_version)
             except Exception as exc:  # noqa: BLE001 - not a request for our model: not in its statistics
                 stats.record_request("v2", status_of(exc).name, now() - t0, model_level=False)
                 lane.fail(c, *status_and_message(exc, "ModelInfer"))
                 continue
+            if not request.model_version or model is core.model:
+                model = None
             try:
                 decoded = decode_infer(request, max_images)
             except Exception as exc:  # noqa: BLE001 - mapped to a status here
-                stats.record_request("v2", status_of(exc).name, now() - t0)
+                core.stats_for(model).record_request("v2", status_of(exc).name, now() - t0)
                 lane.fail(c, *status_and_message(exc, "ModelInfer"))
                 continue
+            _, group, owners = groups.setdefault(id(model), (model, [], []))
             owners.append((c, decoded, t0, now()))
             group.append((decoded.pixels, c.deadline, time.monotonic()))
+
+        for model, group, owners in groups.values():
+            self._run_group(model, group, owners, lane)
+
+    def _run_group(self, model, group, owners, lane) -> None:
+        now = time.perf_counter_ns
+        core = self.core
+        stats = core.stats_for(model)
 
         def deliver(i: int, result) -> None:
             c, decoded, t0, t1 = owners[i]
@@ -430,17 +441,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             stats.record_ok("v2", t3 - t0, t1 - t0, t3 - t2, int(result.queue_s * 1e9), int(result.compute_s * 1e9))
             lane.reply(c, body)
 
-        if group:
-            core.batcher.infer_group(group, deliver)
+        try:
+            batcher = core.batcher_for(model)
+        except Exception as exc:  # noqa: BLE001 - the version was unloaded since the check
+            for i in range(len(owners)):
+                deliver(i, exc)
+            return
+        batcher.infer_group(group, deliver)
 
     @grpc_errors(pb.ModelStatisticsResponse)
     def ModelStatistics(self, request, context):
         model = self.core.model
         if model is None:
             self.core.serving_model()  # raises UNAVAILABLE while loading
-        if request.name:
-            self.core.check_model(request.name, request.version)
-        return pb.ModelStatisticsResponse(model_stats=[model_statistics(self.core.stats, model.name, model.version)])
+        chosen = self.core.check_model(request.name, request.version) if request.name else None
+        # Per version, as Triton reports them: a version in its grace period has its own.
+        models = [m for m in self.core.versions() if not request.version or m is chosen]
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(self.core.stats_for(m), m.name, m.version) for m in models])
 
 
 def model_infer_handler(servicer: InferenceServicer) -> grpc.RpcMethodHandler:

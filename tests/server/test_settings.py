@@ -49,6 +49,9 @@ SAMPLES: dict[str, tuple[str, object, str, object]] = {
     "handler_threads": ("9", 9, "11", 11),
     "stream_threads": ("7", 7, "13", 13),
     "max_concurrent_rpcs": ("77", 77, "88", 88),
+    "access_log": ("1", True, "--no-access-log", False),
+    "access_log_sample": ("0.25", 0.25, "0.5", 0.5),
+    "previous_version_grace_s": ("5", 5.0, "0", 0.0),
     "log_format": ("text", "text", "json", "json"),
     "log_level": ("debug", "debug", "error", "error"),
 }

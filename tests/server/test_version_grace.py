@@ -101,6 +101,8 @@ def test_the_previous_version_has_its_own_metrics_and_a_second_reload_drops_it(s
         assert _metric_versions(app.metrics_address) == {"2": 1.0, "1": 2.0}
         text = urllib.request.urlopen(f"http://{app.metrics_address}/metrics", timeout=10).read().decode()
         assert text.count("mnist_edge_model_info{") == 2
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="mnist"), timeout=5).model_stats
+        assert [(m.version, m.inference_stats.success.count) for m in stats] == [("2", 1), ("1", 2)]
         # Only the version just replaced is kept: 3 replaces 2, and 1 goes at once.
         app.core.set_model(v3)
         assert [m.version for m in app.core.versions()] == ["3", "2"]

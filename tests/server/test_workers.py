@@ -222,8 +222,9 @@ def test_one_refusing_worker_stops_every_worker_from_swapping():
     sup._reload_lock = threading.Lock()
     sup.workers = [_FakeWorker(0), _FakeWorker(1, refuse=True), _FakeWorker(2)]
     assert sup.reload("test") is False
-    assert all(w.calls == ["prepare", "abort"] for w in sup.workers), [w.calls for w in sup.workers]
+    # The token file is read again first, whatever becomes of the model (SIGHUP rotates it).
+    assert all(w.calls == ["rotate_token", "prepare", "abort"] for w in sup.workers), [w.calls for w in sup.workers]
 
     sup.workers = [_FakeWorker(0), _FakeWorker(1), _FakeWorker(2)]
     assert sup.reload("test") is True
-    assert all(w.calls == ["prepare", "commit"] for w in sup.workers), [w.calls for w in sup.workers]
+    assert all(w.calls == ["rotate_token", "prepare", "commit"] for w in sup.workers), [w.calls for w in sup.workers]
