@@ -100,6 +100,7 @@ fi
 source_url=$(git -C "$REPO" config --get remote.origin.url 2>/dev/null || echo "file://$REPO")
 version=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 say "podman build $TAG (base $BASE, revision $revision)"
+previous=$("${PODMAN[@]}" image inspect --format '{{.Id}}' "$TAG" 2>/dev/null || true)
 "${PODMAN[@]}" build --format docker --network none --pull-never \
   --build-arg BASE="$BASE" --build-arg WHEELS=host-wheels \
   --build-arg DEPS_SHA256="$deps_sha" --build-arg PROJECT_SHA256="$project_sha" \
@@ -107,5 +108,10 @@ say "podman build $TAG (base $BASE, revision $revision)"
   --build-arg SOURCE="$source_url" \
   -f "$REPO/deploy/Dockerfile" -t "$TAG" "$ctx" >&2
 size=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$TAG")
+# The image this one replaced, now untagged: its own layers go (shared ones stay as the cache).
+current=$("${PODMAN[@]}" image inspect --format '{{.Id}}' "$TAG")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  "${PODMAN[@]}" image rm "$previous" >/dev/null 2>&1 || true
+fi
 say "built $TAG in $(( $(date +%s) - started )) s: .Size $size bytes"
 echo "$TAG"
