@@ -113,5 +113,12 @@ current=$("${PODMAN[@]}" image inspect --format '{{.Id}}' "$TAG")
 if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
   "${PODMAN[@]}" image rm "$previous" >/dev/null 2>&1 || true
 fi
+# The host-wheels stages (one layer: the wheelhouse COPY'd to /wheels/) are no cache worth keeping.
+for id in $("${PODMAN[@]}" image ls --filter dangling=true --format '{{.ID}}'); do
+  history=$("${PODMAN[@]}" image inspect --format '{{len .RootFS.Layers}}|{{range .History}}{{.CreatedBy}}{{end}}' "$id" 2>/dev/null || true)
+  case $history in
+    "1|/bin/sh -c #(nop) COPY dir:"*" in /wheels/ ") "${PODMAN[@]}" image rm "$id" >/dev/null 2>&1 || true ;;
+  esac
+done
 say "built $TAG in $(( $(date +%s) - started )) s: .Size $size bytes"
 echo "$TAG"
