@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from mnist_edge import __version__
 from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
 from mnist_edge.protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from mnist_edge.server import lane, logs, model_store, threads, v2
+from mnist_edge.server import lane, logs, model_store, native, threads, v2
 from mnist_edge.server.core import Core, State
 from mnist_edge.server.model_store import LoadedModel
 from mnist_edge.server.native import DigitClassifierServicer
@@ -122,6 +122,11 @@ class App:
             ]
         options += extra_options or []
         interceptors = []
+        if self.core.access_log is not None:
+            # First, so that calls a later interceptor refuses (a wrong token) are logged too.
+            from mnist_edge.server.access_log import AccessInterceptor
+
+            interceptors.append(AccessInterceptor(self.core.access_log))
         token = None
         if settings.token_file:
             from mnist_edge.server.auth import TokenInterceptor, read_token
@@ -163,7 +168,7 @@ class App:
         on_lane = frozenset(self.lane.methods if self.lane else ())
         registrations = [
             (lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(v2_servicer, s), {"ModelInfer": v2.model_infer_handler(v2_servicer)}),
-            (lambda s: digits_pb2_grpc.add_DigitClassifierServicer_to_server(native_servicer, s), None),
+            (lambda s: digits_pb2_grpc.add_DigitClassifierServicer_to_server(native_servicer, s), {"Classify": native.classify_handler(native_servicer)}),
             (lambda s: health_pb2_grpc.add_HealthServicer_to_server(self.health, s), None),
         ]
         self.service_names = [INFERENCE_SERVICE, NATIVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]

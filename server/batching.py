@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -43,6 +44,14 @@ class Result(NamedTuple):
     tag: object  # of the model that ran
     queue_s: float  # this request's wait in the queue
     compute_s: float  # the run of the batch that carried it
+
+
+class GroupRequest(NamedTuple):
+    """One request of a group handed over together (`Batcher.infer_group`)."""
+
+    pixels: np.ndarray  # uint8 [N,28,28]
+    deadline: float | None  # on the batcher's clock
+    arrived: float  # on the batcher's clock: its queue time counts from here
 
 _QUEUED, _LEADER, _RUNNING, _DONE = range(4)
 _MAX_WAIT_S = 3600.0  # re-checked after this long; far below threading.TIMEOUT_MAX
@@ -175,10 +184,9 @@ class Batcher:
         assert p.result is not None
         return p.result
 
-    def infer_group(self, group: list[tuple[np.ndarray, float | None, float]], deliver: Callable[[int, Result | BaseException], None]) -> None:
+    def infer_group(self, group: Sequence[GroupRequest], deliver: Callable[[int, Result | BaseException], None]) -> None:
         """Several requests that arrived together, from one thread (the inference lane).
 
-        `group` holds (pixels, deadline, arrived) per request, on this batcher's clock.
         `deliver(i, result_or_error)` is called once per request (refusals first, then batch
         by batch) as soon as its answer is known. Requests are cut into consecutive batches of at most
         `max_batch_size` images (a larger request runs alone); what would overflow
@@ -192,8 +200,8 @@ class Batcher:
         images = filled = 0  # this group's images accepted, and those in the last batch
         with self._lock:
             waiting = self._queued_images
-            for i, (pixels, _, _) in enumerate(group):
-                n = int(pixels.shape[0])
+            for i, request in enumerate(group):
+                n = int(request.pixels.shape[0])
                 if waiting + images + n > self.max_queue:
                     self.stats.rejected_full += 1
                     refused.append((i, _full(waiting + images, n, self.max_queue)))
@@ -212,16 +220,16 @@ class Batcher:
             now = clock()
             live = []
             for i in members:
-                deadline = group[i][1]
+                deadline = group[i].deadline
                 if deadline is not None and now >= deadline:
                     with self._lock:
                         self.stats.expired += 1
-                    deliver(i, DeadlineExceeded(f"deadline passed after {now - group[i][2]:.3f}s in the queue; the request was dropped before compute"))
+                    deliver(i, DeadlineExceeded(f"deadline passed after {now - group[i].arrived:.3f}s in the queue; the request was dropped before compute"))
                 else:
                     live.append(i)
             if not live:
                 continue
-            x = group[live[0]][0] if len(live) == 1 else np.concatenate([group[i][0] for i in live])
+            x = group[live[0]].pixels if len(live) == 1 else np.concatenate([group[i].pixels for i in live])
             try:
                 r = self.infer(x, requests=len(live), gather=False)
             except BaseException as exc:  # noqa: BLE001 - every request of the batch gets the error
@@ -230,8 +238,8 @@ class Batcher:
                 continue
             offset = 0
             for i in live:
-                n = int(group[i][0].shape[0])
-                deliver(i, Result(r.probabilities[offset : offset + n], r.digits[offset : offset + n], r.tag, now - group[i][2] + r.queue_s, r.compute_s))
+                n = int(group[i].pixels.shape[0])
+                deliver(i, Result(r.probabilities[offset : offset + n], r.digits[offset : offset + n], r.tag, now - group[i].arrived + r.queue_s, r.compute_s))
                 offset += n
 
     def _run_alone(self, pixels: np.ndarray) -> Result:

@@ -1,7 +1,9 @@
 """The serving core shared by every API: lifecycle state, the loaded model, the batcher.
 
-Servicers decode a request into arrays, call `Core.classify`, and encode the result;
-the core knows nothing about protobuf.
+Servicers decode a request into arrays, call the core, and encode the result: `classify`
+for one request (a handler thread, a stream message), `classify_group` for requests that
+arrived together on the inference lane. They never reach the batcher themselves; the core
+knows nothing about protobuf or gRPC.
 """
 
 from __future__ import annotations
@@ -9,13 +11,13 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from mnist_edge.server import logs
-from mnist_edge.server.batching import Batcher, Result
+from mnist_edge.server.batching import Batcher, GroupRequest, Result
 from mnist_edge.server.errors import NotFound, Unavailable
 from mnist_edge.server.model_store import LoadedModel
 from mnist_edge.server.settings import Settings
@@ -42,6 +44,12 @@ class Core:
         self.batcher = self._new_batcher(self._run_unloaded, self.stats)
         # The version a reload replaced, still answering calls that name it (version grace).
         self.previous: Previous | None = None
+        # --access-log: one line per call (server/access_log.py), written by the handlers.
+        self.access_log = None
+        if settings.access_log:
+            from mnist_edge.server.access_log import AccessLog
+
+            self.access_log = AccessLog(settings.access_log_sample)
 
     def _new_batcher(self, run, stats: Statistics) -> Batcher:
         s = self.settings
@@ -154,6 +162,14 @@ class Core:
         # grpc reports "no deadline" as a huge time_remaining(): the batcher caps each wait.
         deadline = None if remaining_s is None else time.monotonic() + remaining_s
         return self.batcher_for(model).infer(pixels, deadline, is_cancelled)
+
+    def classify_group(self, group: Sequence[GroupRequest], deliver: Callable[[int, Result | BaseException], None],
+                       model: LoadedModel | None = None) -> None:
+        """Batched inference for requests that arrived together, from one thread (the inference
+        lane): `deliver(i, result_or_error)` once per request of `group`, as soon as its batch
+        ends. Deadlines and arrival times are time.monotonic() seconds (`Batcher.infer_group`).
+        `model` as for classify: every request of `group` is for that one."""
+        self.batcher_for(model).infer_group(group, deliver)
 
 
 @dataclass

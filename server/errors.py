@@ -1,8 +1,9 @@
 """Domain errors that carry their gRPC status, and the one place that maps them.
 
-Codecs, the batcher and the model store raise these; `grpc_errors` turns them into
-a status with the error's message. Anything else becomes INTERNAL with a logged
-traceback, so a bug never leaks a stack trace to a client or kills the server.
+Codecs, the batcher and the model store raise these; `status_and_message` turns them into
+a status with the error's message: ModelInfer and Classify (server/rpc.py) call it, the other
+unary methods through `grpc_errors`. Anything else becomes INTERNAL with a logged traceback,
+so a bug never leaks a stack trace to a client or kills the server.
 """
 
 from __future__ import annotations

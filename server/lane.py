@@ -9,9 +9,10 @@ same server (so the same port, TLS, message limits, keepalive and shutdown), and
 does all of it: takes the call, reads the message, runs the model, sends the answer.
 
 Everything that is ready when the thread looks (one pass over the queue) is answered as one
-group: the handler decodes each request, and the batcher runs the valid ones together
-(`Batcher.infer_group`: batches of at most --max-batch-size images, --max-queue counted,
-expired deadlines dropped before compute). At concurrency 1 that is a batch of one with no
+group: the method's handler (`rpc.InferenceRpc.serve_group`, the same code that serves the
+method on the handler threads) decodes each request, and `Core.classify_group` runs the valid
+ones together (batches of at most --max-batch-size images, --max-queue counted, expired
+deadlines dropped before compute). At concurrency 1 that is a batch of one with no
 hand-off at all; under load, the requests that arrived while a batch ran form the next.
 While the thread answers a group, new calls wait in gRPC core, unread, until it is done: at
 most --max-queue images of work per method (what a group holds beyond that is refused), plus the batch
@@ -20,8 +21,9 @@ another thread (a stream, a handed-off Classify) may be running when the lane ne
 The lane talks to grpcio's Cython layer (`grpc._cython.cygrpc`), the layer grpcio's own
 servers are built on; `supported()` checks that this grpcio has what the lane uses, and the
 server serves ModelInfer and Classify from its thread pool when it does not (or with
---no-infer-lane). A handler may hand a call to another thread (`hand_off`), which then answers
-it with reply() or fail(): Classify does so for encoded images, whose decoding may take long.
+--no-infer-lane). Each call is a `LaneCall`, a `rpc.Responder`: reply() or fail() answers it,
+from the lane thread or, after hand_off(), from another one: Classify hands off calls with
+encoded images, whose decoding may take long.
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ def supported(server: grpc.Server) -> bool:
 
 
 class LaneCall:
-    """One call on the lane: what a handler reads (`message`, `deadline`, `received_ns`) and answers."""
+    """One call on the lane, as a `rpc.Responder`: what a handler reads (`message`, `deadline`,
+    `received_ns`) and answers with reply() or fail(), from the lane thread or another one."""
 
-    __slots__ = ("arrived", "call", "deadline", "message", "method", "received_ns", "stage")
+    __slots__ = ("arrived", "call", "deadline", "message", "metadata_", "method", "received_ns", "stage")
+    is_cancelled = None  # the lane does not watch for cancellation: a cancelled call's answer is dropped by gRPC core
 
     def __init__(self, call, method: _Method, deadline: float | None, arrived: float) -> None:
         self.call = call
@@ -70,10 +74,52 @@ class LaneCall:
         self.message: bytes = b""
         self.received_ns = 0  # time.perf_counter_ns() when the message was read: where the server's time starts
         self.stage = _RECEIVING
+        self.metadata_: tuple = ()  # the invocation metadata (for the access log)
+
+    def peer(self) -> str | None:
+        """The client's address (for the access log; asked before the answer releases the call)."""
+        call = self.call
+        if call is None:
+            return None
+        peer = call.peer()
+        return peer.decode("utf-8", "replace") if isinstance(peer, bytes) else peer
+
+    def metadata(self) -> tuple:
+        return self.metadata_
+
+    def hand_off(self) -> None:
+        """The handler passes this call to another thread, which will reply() or fail() it."""
+        self.stage = _HANDED_OFF
+
+    def reply(self, body: bytes) -> None:
+        """Answer OK with the serialized response `body`."""
+        self.stage = _ANSWERING
+        self.call.start_server_batch(
+            (
+                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
+                cygrpc.SendMessageOperation(body, 0),
+                cygrpc.SendStatusFromServerOperation(_EMPTY, cygrpc.StatusCode.ok, b"", 0),
+                cygrpc.ReceiveCloseOnServerOperation(0),
+            ),
+            self,
+        )
+
+    def fail(self, code: grpc.StatusCode, details: str) -> None:
+        """End the call with `code`: a trailers-only response, no message (as grpcio's abort)."""
+        self.stage = _ANSWERING
+        self.call.start_server_batch(
+            (
+                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
+                cygrpc.SendStatusFromServerOperation(_EMPTY, code.value[0], details.encode("utf-8", "replace"), 0),
+                cygrpc.ReceiveCloseOnServerOperation(0),
+            ),
+            self,
+        )
 
 
-# A handler answers a group of calls of its method: it must call reply() or fail() once per call.
-Handler = Callable[[list[LaneCall], "Lane"], None]
+# A handler answers a group of calls of its method: it must reply() or fail() each call once
+# (or hand_off() it to a thread that will).
+Handler = Callable[[list[LaneCall]], None]
 
 
 class _Method:
@@ -145,35 +191,6 @@ class Lane:
             self._cq.shutdown()  # wakes the thread at once
             self._thread.join(timeout)
 
-    # -- answering (handlers call these; reply and fail also from other threads) ---------------
-    def hand_off(self, c: LaneCall) -> None:
-        """The handler passes `c` to another thread, which will reply() or fail() it."""
-        c.stage = _HANDED_OFF
-    def reply(self, c: LaneCall, body: bytes) -> None:
-        """Answer OK with the serialized response `body`."""
-        c.stage = _ANSWERING
-        c.call.start_server_batch(
-            (
-                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
-                cygrpc.SendMessageOperation(body, 0),
-                cygrpc.SendStatusFromServerOperation(_EMPTY, cygrpc.StatusCode.ok, b"", 0),
-                cygrpc.ReceiveCloseOnServerOperation(0),
-            ),
-            c,
-        )
-
-    def fail(self, c: LaneCall, code: grpc.StatusCode, details: str) -> None:
-        """End the call with `code`: a trailers-only response, no message (as grpcio's abort)."""
-        c.stage = _ANSWERING
-        c.call.start_server_batch(
-            (
-                cygrpc.SendInitialMetadataOperation(_EMPTY, 0),
-                cygrpc.SendStatusFromServerOperation(_EMPTY, code.value[0], details.encode("utf-8", "replace"), 0),
-                cygrpc.ReceiveCloseOnServerOperation(0),
-            ),
-            c,
-        )
-
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
         poll = self._cq.poll
@@ -228,10 +245,11 @@ class Lane:
             now = time.monotonic()
             d = event.call_details.deadline
             c = LaneCall(event.call, tag, None if d > _NO_DEADLINE else now + (d - time.time()), now)
+            c.metadata_ = event.invocation_metadata
             if self._authorize is not None:
                 reason = self._authorize(event.invocation_metadata)
                 if reason is not None:
-                    self.fail(c, grpc.StatusCode.UNAUTHENTICATED, reason)
+                    c.fail(grpc.StatusCode.UNAUTHENTICATED, reason)
                     return
             c.call.start_server_batch((cygrpc.ReceiveMessageOperation(0),), c)
         elif tag.stage == _RECEIVING:
@@ -240,7 +258,7 @@ class Lane:
                 return
             message = event.batch_operations[0].message()
             if message is None:
-                self.fail(tag, grpc.StatusCode.UNIMPLEMENTED, f"{tag.method.name} requires exactly one request message")
+                tag.fail(grpc.StatusCode.UNIMPLEMENTED, f"{tag.method.name} requires exactly one request message")
                 return
             tag.message = message
             tag.received_ns = time.perf_counter_ns()
@@ -267,7 +285,7 @@ class Lane:
         for method, calls in groups.items():
             error = None
             try:
-                method.handler(calls, self)
+                method.handler(calls)
             except Exception as exc:  # a handler bug: the calls it left get INTERNAL
                 log.error("unexpected error in %s", method.name, exc_info=exc)
                 error = type(exc).__name__
@@ -276,4 +294,4 @@ class Lane:
                 log.error("%s left %d of %d calls unanswered", method.name, len(left), len(calls))
                 error = "a call was left unanswered"
             for c in left:  # every call is answered, whatever the handler did
-                self.fail(c, grpc.StatusCode.INTERNAL, f"internal error in {method.name.rsplit('/', 1)[-1]}: {error}; the server logged it")
+                c.fail(grpc.StatusCode.INTERNAL, f"internal error in {method.name.rsplit('/', 1)[-1]}: {error}; the server logged it")

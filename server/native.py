@@ -6,16 +6,19 @@ the same code training and the client use. A bad image gets its own
 `Prediction.error` and the others are still answered. A message that fails as a whole
 (no images, too many, overload) fails a unary call with that status; on a stream it
 gets a response carrying `ClassifyResponse.error` and the stream goes on.
+
+Unary Classify is `ClassifyRpc` (server/rpc.py), one handler for the inference lane and the
+handler threads; ClassifyStream uses its decode and response.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from mnist_edge.imaging.normalize import ImageError, ImageLimits, normalize_encoded
 from mnist_edge.protos.digits.v1 import digits_pb2 as pb
@@ -29,11 +32,12 @@ from mnist_edge.server.errors import (
     abort,
     grpc_errors,
     log,
-    status_and_message,
     status_of,
 )
+from mnist_edge.server.rpc import InferenceRpc, method_handler
 
 PIXELS = 784
+STREAM_API = "native_stream"  # ClassifyStream's label in the statistics
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
@@ -41,16 +45,37 @@ def _error(code: grpc.StatusCode, message: str) -> pb.Error:
     return pb.Error(code=code.value[0], message=message)
 
 
-class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
+@dataclass
+class DecodedClassify:
+    """A ClassifyRequest checked and decoded: the usable images as one batch, and each image's error."""
+
+    request: pb.ClassifyRequest
+    good: list[int]  # indices of the usable images, in request order
+    pixels: np.ndarray | None  # uint8 [len(good),28,28]; None when every image was refused
+    errors: list[pb.Error | None]  # per image: why it was refused, or None
+
+
+class ClassifyRpc(InferenceRpc[DecodedClassify]):
+    """Classify, written once for the lane and the handler threads (server/rpc.py); the
+    stream reuses its decode and response."""
+
+    api = "native"
+    method = "Classify"
+    request_type = pb.ClassifyRequest
+
     def __init__(self, core: Core, offload: Callable[..., object] | None = None) -> None:
-        self.core = core
+        super().__init__(core, offload)
         s = core.settings
         self.limits = ImageLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
-        # Where the inference lane sends requests with encoded images (a handler pool's submit):
-        # decoding them may take long, and the lane thread must not wait on it.
-        self.offload = offload
 
-    def _decode(self, request: pb.ClassifyRequest) -> tuple[list[np.ndarray | None], list[pb.Error | None]]:
+    def request_id(self, request: pb.ClassifyRequest) -> str | None:
+        return request.request_id or None
+
+    def needs_thread(self, request: pb.ClassifyRequest) -> bool:
+        return any(image.WhichOneof("data") == "encoded" for image in request.images)
+
+    def decode(self, request: pb.ClassifyRequest) -> DecodedClassify:
+        self.core.serving_model()  # UNAVAILABLE while loading
         images = request.images
         n = len(images)
         limit = self.core.settings.max_request_images
@@ -78,26 +103,25 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
                     errors[i] = pb.Error(code=_INVALID, message=f"image {i}: {exc}")
             else:
                 errors[i] = pb.Error(code=_INVALID, message=f"image {i}: empty, expected pixels (784 bytes) or encoded image bytes")
-        return arrays, errors
-
-    def _prepare(self, request: pb.ClassifyRequest) -> tuple[list[int], np.ndarray | None, list[pb.Error | None]]:
-        """Checks and decodes: the indices of the usable images, those images as one batch
-        (None when there is none) and each image's error."""
-        self.core.serving_model()
-        arrays, errors = self._decode(request)
         good = [i for i, a in enumerate(arrays) if a is not None]
         if not good:
-            return good, None, errors
-        return good, (np.stack([arrays[i] for i in good]) if len(good) > 1 else arrays[good[0]][None]), errors
+            pixels = None
+        elif len(good) == 1:
+            pixels = arrays[good[0]][None]
+        else:
+            pixels = np.stack([arrays[i] for i in good])
+        return DecodedClassify(request, good, pixels, errors)
 
-    def _response(self, request: pb.ClassifyRequest, good: list[int], batch, errors: list[pb.Error | None], result: Result | None) -> pb.ClassifyResponse:
-        predictions = [pb.Prediction() for _ in errors]
+    def response(self, decoded: DecodedClassify, result: Result | None) -> pb.ClassifyResponse:
+        request = decoded.request
+        predictions = [pb.Prediction() for _ in decoded.errors]
         if result is not None:
             probs, digits, model = result.probabilities, result.digits, result.tag
             version = model.version
             want_probs = request.return_probabilities
             want_image = request.return_normalized_image
-            for j, i in enumerate(good):
+            batch = decoded.pixels
+            for j, i in enumerate(decoded.good):
                 p = predictions[i]
                 p.digit = int(digits[j])
                 p.confidence = float(probs[j, digits[j]])
@@ -107,117 +131,55 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
                     p.normalized_image = batch[j].tobytes()
         else:
             version = self.core.serving_model().version
-        for i, err in enumerate(errors):
+        for i, err in enumerate(decoded.errors):
             if err is not None:
                 predictions[i].error.CopyFrom(err)
         return pb.ClassifyResponse(predictions=predictions, model_version=version, request_id=request.request_id)
 
-    @staticmethod
-    def _timing(t0: int, t1: int, result: Result) -> dict:
-        return {"input_ns": t1 - t0, "queue_ns": int(result.queue_s * 1e9), "infer_ns": int(result.compute_s * 1e9), "t2": time.perf_counter_ns()}
+    def encode(self, decoded: DecodedClassify, result: Result | None) -> bytes:
+        return self.response(decoded, result).SerializeToString()
 
-    def _classify(self, request: pb.ClassifyRequest, remaining_s: float | None, is_cancelled, t0: int) -> tuple[pb.ClassifyResponse, dict]:
-        """The response, and the request's durations for the statistics (empty when no image
-        reached the model)."""
-        good, batch, errors = self._prepare(request)
-        if batch is None:
-            return self._response(request, good, batch, errors, None), {}
-        t1 = time.perf_counter_ns()
-        result = self.core.classify(batch, remaining_s, is_cancelled)
-        timing = self._timing(t0, t1, result)
-        return self._response(request, good, batch, errors, result), timing
 
-    def _record_ok(self, api: str, t0: int, timing: dict) -> None:
-        end = time.perf_counter_ns()
-        if not timing:  # every image was refused: the model never ran
-            self.core.stats.record_request(api, "OK", end - t0, model_level=False)
-            return
-        self.core.stats.record_ok(api, end - t0, timing["input_ns"], end - timing["t2"], timing["queue_ns"], timing["infer_ns"])
+class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
+    def __init__(self, core: Core, offload: Callable[..., object] | None = None) -> None:
+        self.core = core
+        # `offload`: where the inference lane sends requests with encoded images (a handler
+        # pool's submit): decoding them may take long, and the lane thread must not wait on it.
+        self.classify = ClassifyRpc(core, offload)
 
-    def Classify(self, request, context):
-        t0 = time.perf_counter_ns()
-        try:
-            response, timing = self._classify(request, context.time_remaining(), lambda: not context.is_active(), t0)
-        except Exception as exc:  # noqa: BLE001 - mapped to a status here
-            self.core.stats.record_request("native", status_of(exc).name, time.perf_counter_ns() - t0)
-            abort(context, exc, "Classify")
-            return pb.ClassifyResponse()  # not reached: abort raises
-        self._record_ok("native", t0, timing)
-        return response
+    def Classify(self, message: bytes, context) -> bytes:
+        """Classify on the handler threads: registered by `classify_handler`, request and
+        response as bytes."""
+        return self.classify.serve_context(message, context)
 
-    def classify_group(self, calls, lane) -> None:
-        """Classify for calls that arrived together on the inference lane (server/lane.py). Raw
-        pixels are checked here and the usable images of every call run as batches by the
-        batcher; a call carrying an encoded image is handed whole to the handler threads
-        (`offload`), as decoding it may take long, and answered from there."""
-        stats = self.core.stats
-        group: list[tuple[np.ndarray, float | None, float]] = []
-        owners: list[tuple] = []
-        for c in calls:
-            t0 = c.received_ns
-            try:
-                request = pb.ClassifyRequest.FromString(c.message)
-            except DecodeError as exc:
-                stats.record_request("native", "INVALID_ARGUMENT", time.perf_counter_ns() - t0, model_level=False)
-                lane.fail(c, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid digits.v1.ClassifyRequest message: {exc}")
-                continue
-            if self.offload is not None and any(image.WhichOneof("data") == "encoded" for image in request.images):
-                lane.hand_off(c)
-                try:
-                    self.offload(self._classify_off_lane, c, request, lane)
-                except RuntimeError:  # the handler pool has shut down: so has the server
-                    lane.fail(c, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
-                continue
-            try:
-                good, batch, errors = self._prepare(request)
-            except Exception as exc:  # noqa: BLE001 - mapped to a status here
-                stats.record_request("native", status_of(exc).name, time.perf_counter_ns() - t0)
-                lane.fail(c, *status_and_message(exc, "Classify"))
-                continue
-            if batch is None:  # every image refused: answered now, the model never runs
-                lane.reply(c, self._response(request, good, batch, errors, None).SerializeToString())
-                self._record_ok("native", t0, {})
-                continue
-            owners.append((c, request, good, batch, errors, t0, time.perf_counter_ns()))
-            group.append((batch, c.deadline, time.monotonic()))
-
-        def deliver(i: int, result) -> None:
-            c, request, good, batch, errors, t0, t1 = owners[i]
-            if isinstance(result, BaseException):
-                stats.record_request("native", status_of(result).name, time.perf_counter_ns() - t0)
-                lane.fail(c, *status_and_message(result, "Classify"))
-                return
-            timing = self._timing(t0, t1, result)
-            lane.reply(c, self._response(request, good, batch, errors, result).SerializeToString())
-            self._record_ok("native", t0, timing)
-
-        if group:
-            self.core.batcher.infer_group(group, deliver)
-
-    def _classify_off_lane(self, c, request: pb.ClassifyRequest, lane) -> None:
-        """On a handler thread: a lane call with encoded images, answered through the lane."""
-        t0 = c.received_ns
-        try:
-            remaining = None if c.deadline is None else c.deadline - time.monotonic()
-            response, timing = self._classify(request, remaining, None, t0)
-        except Exception as exc:  # noqa: BLE001 - mapped to a status here
-            self.core.stats.record_request("native", status_of(exc).name, time.perf_counter_ns() - t0)
-            lane.fail(c, *status_and_message(exc, "Classify"))
-            return
-        lane.reply(c, response.SerializeToString())
-        self._record_ok("native", t0, timing)
+    def classify_group(self, calls) -> None:
+        """Classify for calls that arrived together on the inference lane (server/lane.py)."""
+        self.classify.serve_group(calls)
 
     def ClassifyStream(self, request_iterator, context):
+        rpc = self.classify
+        now = time.perf_counter_ns
+        access = self.core.access_log
         for request in request_iterator:
             if self.core.state is State.STOPPING:
                 # Shutdown is one of the two things that end a stream (authentication is the other).
                 abort(context, Unavailable("the server is shutting down; reconnect to another replica"), "ClassifyStream")
                 return
-            t0 = time.perf_counter_ns()
+            t0 = now()
             try:
-                response, timing = self._classify(request, context.time_remaining(), lambda: not context.is_active(), t0)
+                decoded = rpc.decode(request)
+                t1 = now()
+                result = None
+                if decoded.pixels is not None:
+                    result = self.core.classify(decoded.pixels, context.time_remaining(), lambda: not context.is_active())
+                t2 = now()
+                response = rpc.response(decoded, result)
             except Exception as exc:  # noqa: BLE001 - a failed message does not end the stream
-                self.core.stats.record_request("native_stream", status_of(exc).name, time.perf_counter_ns() - t0)
+                self.core.stats.record_request(STREAM_API, status_of(exc).name, now() - t0)
+                if access is not None:
+                    access.record(api="native", method="ClassifyStream", status=status_of(exc).name, duration_ns=now() - t0,
+                                  request_id=request.request_id or None, peer=context.peer(), metadata=context.invocation_metadata(),
+                                  context=context)
                 if not isinstance(exc, ServingError):
                     log.error("unexpected error in ClassifyStream", exc_info=exc)
                     message = f"internal error: {type(exc).__name__}; the server logged the traceback"
@@ -225,7 +187,12 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
                     message = exc.message
                 yield pb.ClassifyResponse(request_id=request.request_id, error=_error(status_of(exc), message))
                 continue
-            self._record_ok("native_stream", t0, timing)
+            rpc.record_success(STREAM_API, t0, t1, t2, now(), result)
+            if access is not None:  # one line per message: each is a request of its own
+                access.record(api="native", method="ClassifyStream", status="OK", duration_ns=now() - t0,
+                              request_id=request.request_id or None, images=0 if decoded.pixels is None else len(decoded.pixels),
+                              queue_s=result.queue_s if result else 0.0, compute_s=result.compute_s if result else 0.0,
+                              peer=context.peer(), metadata=context.invocation_metadata(), context=context)
             yield response
 
     @grpc_errors(pb.ModelInfo)
@@ -241,3 +208,9 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
             max_images_per_request=self.core.settings.max_request_images,
             labels=model.labels,
         )
+
+
+def classify_handler(servicer: DigitClassifierServicer) -> grpc.RpcMethodHandler:
+    """Classify for the handler threads, in place of the generated registration: the request is
+    read and the response written by `ClassifyRpc`, as on the lane."""
+    return method_handler(servicer.Classify)

@@ -14,6 +14,7 @@ import threading
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass
@@ -55,14 +56,32 @@ class Histogram:
         self.n += 1
 
 
-_BATCH = object()  # marks a batch record in the pending queue
+class SuccessRecord(NamedTuple):
+    """A successful model-level request, waiting in the queue to be folded into the counters."""
+
+    api: str
+    total_ns: int
+    input_ns: int  # reading and decoding the request
+    output_ns: int  # encoding the response
+    queue_ns: int
+    infer_ns: int
+
+
+class BatchRecord(NamedTuple):
+    """An executed batch, waiting in the queue to be folded into the counters."""
+
+    size: int  # images
+    compute_seconds: float
+    wall_ms: int  # when it ended, milliseconds since the epoch
+
+
 _FOLD_AT = 4096  # records queued before a writer folds them itself (bounds the memory)
 
 
 class Statistics:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self._pending: collections.deque[tuple] = collections.deque()
+        self._pending: collections.deque[SuccessRecord | BatchRecord] = collections.deque()
         self.success = Duration()
         self.fail = Duration()
         self.queue = Duration()
@@ -108,9 +127,9 @@ class Statistics:
     def record_ok(self, api: str, total_ns: int, input_ns: int, output_ns: int, queue_ns: int, infer_ns: int) -> None:
         """A successful model-level request: queued for the next `locked()` (deque appends are
         thread-safe), so the call path takes no lock and does no arithmetic."""
-        self._enqueue((api, total_ns, input_ns, output_ns, queue_ns, infer_ns))
+        self._enqueue(SuccessRecord(api, total_ns, input_ns, output_ns, queue_ns, infer_ns))
 
-    def _enqueue(self, record: tuple) -> None:
+    def _enqueue(self, record: SuccessRecord | BatchRecord) -> None:
         self._pending.append(record)
         if len(self._pending) > _FOLD_AT:  # nobody has read for a while: fold here, bounding the queue
             with self.locked():
@@ -131,30 +150,28 @@ class Statistics:
                 rec = pending.popleft()
             except IndexError:
                 return
-            if rec[0] is _BATCH:
-                _, size, compute_seconds, wall_ms = rec
+            if type(rec) is BatchRecord:
                 self.execution_count += 1
-                self.inference_count += size
-                self.last_inference_ms = max(self.last_inference_ms, wall_ms)
-                self.compute_hist.observe(compute_seconds)
-                self.batch_hist.observe(size)
-                b = self.batches.get(size)
+                self.inference_count += rec.size
+                self.last_inference_ms = max(self.last_inference_ms, rec.wall_ms)
+                self.compute_hist.observe(rec.compute_seconds)
+                self.batch_hist.observe(rec.size)
+                b = self.batches.get(rec.size)
                 if b is None:
-                    b = self.batches[size] = BatchDurations()
+                    b = self.batches[rec.size] = BatchDurations()
                 b.count += 1
-                b.compute_infer_ns += int(compute_seconds * 1e9)
+                b.compute_infer_ns += int(rec.compute_seconds * 1e9)
                 continue
-            api, total_ns, input_ns, output_ns, queue_ns, infer_ns = rec
-            key = (api, "OK")
+            key = (rec.api, "OK")
             self.requests_by[key] = self.requests_by.get(key, 0) + 1
-            self.request_hist.observe(total_ns / 1e9)
-            self.queue_hist.observe(queue_ns / 1e9)
-            self.success.add(total_ns)
-            self.queue.add(queue_ns)
-            self.compute_input.add(input_ns)
-            self.compute_infer.add(infer_ns)
-            self.compute_output.add(output_ns)
+            self.request_hist.observe(rec.total_ns / 1e9)
+            self.queue_hist.observe(rec.queue_ns / 1e9)
+            self.success.add(rec.total_ns)
+            self.queue.add(rec.queue_ns)
+            self.compute_input.add(rec.input_ns)
+            self.compute_infer.add(rec.infer_ns)
+            self.compute_output.add(rec.output_ns)
 
     def record_batch(self, size: int, compute_seconds: float) -> None:
         """An executed batch: queued like `record_ok`."""
-        self._enqueue((_BATCH, size, compute_seconds, int(time.time() * 1000)))
+        self._enqueue(BatchRecord(size, compute_seconds, int(time.time() * 1000)))

@@ -13,17 +13,27 @@ Streams hold their thread for as long as they stay open. grpcio lets a method ca
 own pool (`experimental_thread_pool` on the behavior); `register` uses that to put every
 streaming method on a stream pool, so open streams can never take the threads that unary
 calls need.
+
+ModelInfer and Classify, when the inference lane does not serve them, run on these threads
+through the same handlers as on the lane (server/rpc.py), swapped in by `register`'s `replace`.
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent import futures
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import grpc
 
-_Work = tuple  # (future, fn, args, kwargs)
+
+class _Work(NamedTuple):
+    """A piece of work submitted to the pool."""
+
+    future: futures.Future
+    fn: Callable
+    args: tuple
+    kwargs: dict
 
 
 class _Worker:
@@ -55,7 +65,7 @@ class LifoThreadPool(futures.ThreadPoolExecutor):
 
     def submit(self, fn: Callable, /, *args, **kwargs) -> futures.Future:
         future: futures.Future = futures.Future()
-        work = (future, fn, args, kwargs)
+        work = _Work(future, fn, args, kwargs)
         with self._lifo_lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new work after shutdown")

@@ -3,32 +3,27 @@
 Transport at the edge: each RPC is decode -> core -> encode. The codecs turn a
 ModelInferRequest into a uint8 [N,28,28] array (raw or typed contents, UINT8 or FP32,
 [N,28,28] or [N,784]) and the results into raw output bytes; every rejection names
-what was wrong and what was expected.
+what was wrong and what was expected. ModelInfer is `ModelInferRpc` (server/rpc.py), one
+handler for the inference lane and the handler threads; the other RPCs are plain servicer
+methods.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import time
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from mnist_edge.protos.inference import model_config_pb2 as mc
+from mnist_edge.server.batching import Result
 from mnist_edge.server.core import Core
-from mnist_edge.server.errors import (
-    InvalidArgument,
-    NotFound,
-    abort,
-    grpc_errors,
-    status_and_message,
-    status_of,
-)
+from mnist_edge.server.errors import InvalidArgument, NotFound, grpc_errors
+from mnist_edge.server.rpc import InferenceRpc, method_handler
 
 INPUT = "pixels"
 OUTPUT_NAMES = ("probabilities", "digit")
@@ -252,18 +247,13 @@ def encode_infer_bytes(model_name: str, version: str, request_id: str, probs: np
     return b"".join((head, rid, outputs, probs_header, _le_bytes(probs, "<f4"), digits_header, _le_bytes(digits, "<i8")))
 
 
-def response_bytes(decoded: DecodedRequest, result) -> bytes:
-    """The serialized ModelInferResponse for `result` (a batcher Result): written directly in
-    the common case, through protobuf when the request chose its outputs."""
+def response_bytes(decoded: DecodedRequest, result: Result) -> bytes:
+    """The serialized ModelInferResponse for `result`: written directly in the common case,
+    through protobuf when the request chose its outputs."""
     model = result.tag
     if decoded.outputs is OUTPUT_NAMES:
         return encode_infer_bytes(model.name, model.version, decoded.request_id, result.probabilities, result.digits)
     return encode_infer(model.name, model.version, decoded, result.probabilities, result.digits).SerializeToString()
-
-
-def serialize_response(response) -> bytes:
-    """ModelInfer's response serializer: the fast path already returns bytes."""
-    return response if type(response) is bytes else response.SerializeToString()
 
 
 def _le_bytes(a: np.ndarray, dtype: str) -> bytes:
@@ -300,10 +290,33 @@ def model_statistics(stats, name: str, version: str) -> pb.ModelStatistics:
         )
 
 
+class ModelInferRpc(InferenceRpc[DecodedRequest]):
+    """ModelInfer, written once for the lane and the handler threads (server/rpc.py)."""
+
+    api = "v2"
+    method = "ModelInfer"
+    request_type = pb.ModelInferRequest
+
+    def pinned(self, request: pb.ModelInferRequest):
+        # A request for another model (or version) is not counted in this model's statistics.
+        model = self.core.check_model(request.model_name, request.model_version)
+        return model if request.model_version and model is not self.core.model else None
+
+    def request_id(self, request: pb.ModelInferRequest) -> str | None:
+        return request.id or None
+
+    def decode(self, request: pb.ModelInferRequest) -> DecodedRequest:
+        return decode_infer(request, self.core.settings.max_request_images)
+
+    def encode(self, decoded: DecodedRequest, result: Result | None) -> bytes:
+        return response_bytes(decoded, result)
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core: Core, server_version: str) -> None:
         self.core = core
         self.server_version = server_version
+        self.model_infer = ModelInferRpc(core)
 
     def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -360,94 +373,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         return pb.ModelConfigResponse(config=config)
 
-    def ModelInfer(self, request, context):
-        now = time.perf_counter_ns
-        t0 = now()
-        try:
-            model = self.core.check_model(request.model_name, request.model_version)
-        except Exception as exc:  # noqa: BLE001 - not a request for our model: not in its statistics
-            self.core.stats.record_request("v2", status_of(exc).name, now() - t0, model_level=False)
-            abort(context, exc, "ModelInfer")
-        stats = self.core.stats_for(model)  # a version in its grace period counts apart
-        try:
-            decoded = decode_infer(request, self.core.settings.max_request_images)
-            t1 = now()
-            result = self.core.classify(decoded.pixels, context.time_remaining(), lambda: not context.is_active(),
-                                        model=model if request.model_version else None)
-            t2 = now()
-            response = response_bytes(decoded, result)
-            t3 = now()
-            stats.record_ok("v2", t3 - t0, t1 - t0, t3 - t2, int(result.queue_s * 1e9), int(result.compute_s * 1e9))
-            return response
-        except Exception as exc:  # noqa: BLE001 - mapped to a status here
-            stats.record_request("v2", status_of(exc).name, now() - t0)
-            abort(context, exc, "ModelInfer")
-            return pb.ModelInferResponse()  # not reached: abort raises
+    def ModelInfer(self, message: bytes, context) -> bytes:
+        """ModelInfer on the handler threads: registered by `model_infer_handler`, request and
+        response as bytes."""
+        return self.model_infer.serve_context(message, context)
 
-    def model_infer_group(self, calls, lane) -> None:
-        """ModelInfer for calls that arrived together on the inference lane (server/lane.py):
-        each request decoded and checked on its own, the valid ones run as batches by the
-        batcher, every call answered (or refused) as soon as its batch ends. Each call's time
-        counts from when its message was read; its queue time from when it was decoded."""
-        now = time.perf_counter_ns
-        core = self.core
-        stats = core.stats
-        max_images = core.settings.max_request_images
-        # One group per model: the current one, and a version in its grace period named by the call.
-        groups: dict[int, tuple[object, list, list]] = {}
-        for c in calls:
-            t0 = c.received_ns
-            try:
-                request = pb.ModelInferRequest.FromString(c.message)
-            except DecodeError as exc:
-                stats.record_request("v2", "INVALID_ARGUMENT", now() - t0, model_level=False)
-                lane.fail(c, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid inference.ModelInferRequest message: {exc}")
-                continue
-            try:
-                model = core.check_model(request.model_name, request.model_version)
-            except Exception as exc:  # noqa: BLE001 - not a request for our model: not in its statistics
-                stats.record_request("v2", status_of(exc).name, now() - t0, model_level=False)
-                lane.fail(c, *status_and_message(exc, "ModelInfer"))
-                continue
-            if not request.model_version or model is core.model:
-                model = None
-            try:
-                decoded = decode_infer(request, max_images)
-            except Exception as exc:  # noqa: BLE001 - mapped to a status here
-                core.stats_for(model).record_request("v2", status_of(exc).name, now() - t0)
-                lane.fail(c, *status_and_message(exc, "ModelInfer"))
-                continue
-            _, group, owners = groups.setdefault(id(model), (model, [], []))
-            owners.append((c, decoded, t0, now()))
-            group.append((decoded.pixels, c.deadline, time.monotonic()))
-
-        for model, group, owners in groups.values():
-            self._run_group(model, group, owners, lane)
-
-    def _run_group(self, model, group, owners, lane) -> None:
-        now = time.perf_counter_ns
-        core = self.core
-        stats = core.stats_for(model)
-
-        def deliver(i: int, result) -> None:
-            c, decoded, t0, t1 = owners[i]
-            if isinstance(result, BaseException):
-                stats.record_request("v2", status_of(result).name, now() - t0)
-                lane.fail(c, *status_and_message(result, "ModelInfer"))
-                return
-            t2 = now()
-            body = response_bytes(decoded, result)
-            t3 = now()
-            stats.record_ok("v2", t3 - t0, t1 - t0, t3 - t2, int(result.queue_s * 1e9), int(result.compute_s * 1e9))
-            lane.reply(c, body)
-
-        try:
-            batcher = core.batcher_for(model)
-        except Exception as exc:  # noqa: BLE001 - the version was unloaded since the check
-            for i in range(len(owners)):
-                deliver(i, exc)
-            return
-        batcher.infer_group(group, deliver)
+    def model_infer_group(self, calls) -> None:
+        """ModelInfer for calls that arrived together on the inference lane (server/lane.py)."""
+        self.model_infer.serve_group(calls)
 
     @grpc_errors(pb.ModelStatisticsResponse)
     def ModelStatistics(self, request, context):
@@ -461,8 +394,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def model_infer_handler(servicer: InferenceServicer) -> grpc.RpcMethodHandler:
-    """ModelInfer as the generated code registers it, except that its responses may be bytes
-    already serialized by `encode_infer_bytes` (the common case)."""
-    return grpc.unary_unary_rpc_method_handler(
-        servicer.ModelInfer, request_deserializer=pb.ModelInferRequest.FromString, response_serializer=serialize_response
-    )
+    """ModelInfer for the handler threads, in place of the generated registration: the request
+    is read and the response written by `ModelInferRpc`, as on the lane."""
+    return method_handler(servicer.ModelInfer)

@@ -9,7 +9,7 @@ from concurrent import futures
 import numpy as np
 import pytest
 
-from mnist_edge.server.batching import Batcher
+from mnist_edge.server.batching import Batcher, GroupRequest
 from mnist_edge.server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 
 
@@ -193,7 +193,7 @@ def test_a_far_deadline_while_queued_neither_overflows_nor_expires():
 def _group(*specs, deadline=None, now=None):
     """(value, n) pairs -> infer_group's items."""
     now = time.monotonic() if now is None else now
-    return [(image(v, n), deadline, now) for v, n in specs]
+    return [GroupRequest(image(v, n), deadline, now) for v, n in specs]
 
 
 def test_a_group_runs_in_batches_of_at_most_max_batch_size_and_each_request_gets_its_own_rows():
@@ -228,7 +228,7 @@ def test_an_expired_request_in_a_group_is_never_computed_and_the_rest_are():
     model = FakeModel()
     b = Batcher(model, max_batch_size=8)
     past = time.monotonic() - 1
-    group = _group((1, 1), (2, 1)) + [(image(99), past, past - 1)] + _group((3, 1))
+    group = _group((1, 1), (2, 1)) + [GroupRequest(image(99), past, past - 1)] + _group((3, 1))
     got = {}
     b.infer_group(group, lambda i, r: got.setdefault(i, r))
     assert isinstance(got[2], DeadlineExceeded) and "dropped before compute" in str(got[2])

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from helpers.models import copy_models, set_version
 from helpers.servers import health_status, running_server, start_cli_server, wait_for
-
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from mnist_edge.server import model_store
@@ -35,7 +34,7 @@ def _infer(stub, images: np.ndarray, version: str = "") -> pb.ModelInferResponse
 
 
 def _digits(resp: pb.ModelInferResponse) -> np.ndarray:
-    (i,) = [k for k, o in enumerate(resp.outputs) if o.name == "digit"]
+    i = next(k for k, o in enumerate(resp.outputs) if o.name == "digit")
     return np.frombuffer(resp.raw_output_contents[i], dtype=np.int64)
 
 
