@@ -162,6 +162,7 @@ class App:
                     max_calls=settings.max_concurrent_rpcs,
                     gather_s=settings.max_queue_delay_us / 1e6,
                     max_group=settings.max_batch_size,
+                    on_refused=self._log_lane_refusal if self.core.access_log is not None else None,
                 )
             else:
                 logs.event("lane_unavailable", "this grpcio lacks what the inference lane needs: ModelInfer and Classify are served from the handler threads", logging.WARNING)
@@ -191,6 +192,12 @@ class App:
             self.health_address = f"{settings.health_address.rsplit(':', 1)[0]}:{port}"
         self.metrics_address: str | None = None
         self._metrics_httpd = None
+
+    def _log_lane_refusal(self, call: lane.LaneCall, status: str) -> None:
+        """An access log line for a call the inference lane refused before any handler ran."""
+        service, _, method = call.method.name.lstrip("/").partition("/")
+        self.core.access_log.record(api="v2" if service == INFERENCE_SERVICE else "native", method=method, status=status,
+                                    duration_ns=0, peer=call.peer(), metadata=call.metadata())
 
     # -- binding ----------------------------------------------------------------
     def _bind(self, address: str) -> str:

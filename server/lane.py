@@ -148,6 +148,7 @@ class Lane:
         max_calls: int = 1024,
         gather_s: float = 0.0,
         max_group: int = 256,
+        on_refused: Callable[[LaneCall, str], None] | None = None,
     ) -> None:
         if not supported(server):
             raise RuntimeError("this grpcio does not offer what the inference lane needs")
@@ -158,6 +159,7 @@ class Lane:
         for m in self._methods:
             self._cy.register_method(m.name)
         self._authorize = authorize
+        self._on_refused = on_refused  # told of each call `authorize` refuses (the access log)
         # The methods share `max_calls` requests for calls, kept open in gRPC core; a slot is
         # asked for again only when its call has ended: at most that many calls are taken at
         # once (more wait in gRPC core), and every call taken is one the server has accepted,
@@ -249,6 +251,8 @@ class Lane:
             if self._authorize is not None:
                 reason = self._authorize(event.invocation_metadata)
                 if reason is not None:
+                    if self._on_refused is not None:
+                        self._on_refused(c, "UNAUTHENTICATED")
                     c.fail(grpc.StatusCode.UNAUTHENTICATED, reason)
                     return
             c.call.start_server_batch((cygrpc.ReceiveMessageOperation(0),), c)

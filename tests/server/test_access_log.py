@@ -124,3 +124,26 @@ def test_no_access_log_by_default(tmp_path, mnist):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("lane", ["--infer-lane", "--no-infer-lane"])
+def test_calls_refused_for_a_wrong_token_are_logged(tmp_path, mnist, lane):
+    token = tmp_path / "token"
+    token.write_text("a-token-of-enough-length-0123456789\n")
+    proc, address = start_cli_server(tmp_path, "--access-log", lane, "--token-file", str(token), "--log-format", "json")
+    try:
+        wait_for(lambda: health_status(address) == "SERVING", timeout=60)
+        with grpc.insecure_channel(address) as ch:
+            wrong = [("authorization", "Bearer wrong"), ("x-request-id", "denied-1")]
+            for call in (lambda: pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(_infer_request(mnist.test.images[:1]), timeout=30, metadata=wrong),
+                         lambda: pb_grpc.GRPCInferenceServiceStub(ch).ModelMetadata(pb.ModelMetadataRequest(name="mnist"), timeout=30, metadata=wrong)):
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        lines = _access_lines(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sorted((line["method"], line["status"], line["request_id"]) for line in lines) == [
+        ("ModelInfer", "UNAUTHENTICATED", "denied-1"), ("ModelMetadata", "UNAUTHENTICATED", "denied-1")]
+    assert all(line["peer"].startswith("ipv4:127.0.0.1:") for line in lines)
