@@ -153,8 +153,13 @@ class App:
         # hand-offs. grpcio's private layer it uses is checked first; without it they stay on
         # the handler threads.
         self.lane: lane.Lane | None = None
+        # Where ModelInfer and Classify are served ("lane", "handler-threads"), and why not on
+        # the lane when it was asked for: shown in the log, the metrics and GetModelInfo.
+        self.inference_path = "handler-threads"
+        self.lane_fallback_reason = ""
         if settings.infer_lane:
-            if lane.supported(self.server):
+            failure = lane.self_check()
+            if failure is None:
                 self.lane = lane.Lane(
                     self.server,
                     {MODEL_INFER: v2_servicer.model_infer_group, CLASSIFY: native_servicer.classify_group},
@@ -164,8 +169,16 @@ class App:
                     max_group=settings.max_batch_size,
                     on_refused=self._log_lane_refusal if self.core.access_log is not None else None,
                 )
+                self.inference_path = "lane"
             else:
-                logs.event("lane_unavailable", "this grpcio lacks what the inference lane needs: ModelInfer and Classify are served from the handler threads", logging.WARNING)
+                self.lane_fallback_reason = failure
+                logs.event(
+                    "lane_unavailable",
+                    f"inference lane self-check failed ({failure}): ModelInfer and Classify are served from the handler threads",
+                    logging.WARNING,
+                    reason=failure,
+                )
+        self.core.inference_path = self.inference_path
         on_lane = frozenset(self.lane.methods if self.lane else ())
         registrations = [
             (lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(v2_servicer, s), {"ModelInfer": v2.model_infer_handler(v2_servicer)}),
@@ -237,7 +250,9 @@ class App:
     def metrics_snapshot(self) -> dict:
         from mnist_edge.server.metrics import snapshot
 
-        return snapshot(self.core.stats, self.core.model, self.core.ready, self.core.batcher.queued_images, self.core.previous)
+        snap = snapshot(self.core.stats, self.core.model, self.core.ready, self.core.batcher.queued_images, self.core.previous)
+        snap["lane_active"] = 1 if self.lane is not None else 0
+        return snap
 
     def start(self, background_load: bool = True) -> "App":
         if self.settings.metrics_address:

@@ -36,6 +36,8 @@ class Core:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.state = State.LOADING
+        # "lane" or "handler-threads": where ModelInfer and Classify run (set by the App).
+        self.inference_path = "handler-threads"
         self.model: LoadedModel | None = None
         self.failure: str | None = None
         self._listeners: list[Callable[[State], None]] = []

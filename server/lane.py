@@ -3,7 +3,7 @@
 grpcio's sync server moves every unary call between two threads twice: its polling thread
 takes the call from gRPC core and hands it to a pool thread, which asks for the request
 message and sleeps until the polling thread has it. On a one-core device each hand-off is a
-thread wake-up, and together they cost more than the model (README "Speed"). The lane asks
+thread wake-up, and together they cost more than the model (docs/performance.md "Where the time went before the lane"). The lane asks
 gRPC core for the calls of its methods on a completion queue of its own, registered on the
 same server (so the same port, TLS, message limits, keepalive and shutdown), and one thread
 does all of it: takes the call, reads the message, runs the model, sends the answer.
@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 
 import grpc
 
@@ -57,6 +58,49 @@ def supported(server: grpc.Server) -> bool:
     ops = ("CompletionQueue", "ReceiveMessageOperation", "SendInitialMetadataOperation", "SendMessageOperation",
            "SendStatusFromServerOperation", "ReceiveCloseOnServerOperation", "CompletionType", "StatusCode")
     return cy is not None and all(hasattr(cy, n) for n in needed) and all(hasattr(cygrpc, n) for n in ops)
+
+
+PROBE_METHOD = "/mnist_edge.LaneProbe/Echo"
+
+
+def self_check(timeout_s: float = 2.0) -> str | None:
+    """Prove the lane works with this grpcio before a server relies on it: one call through a
+    lane on a throwaway loopback server. None when the echo came back intact; otherwise the
+    reason, and the caller serves ModelInfer and Classify from the handler threads instead.
+
+    `supported()` only sees that the private names exist; this sees that they still behave (a
+    grpcio upgrade may keep a name and change what it does)."""
+    probe = b"mnist-edge lane self-check"
+    server = None
+    lane = None
+    try:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=[("grpc.so_reuseport", 0)])
+        if not supported(server):
+            return "this grpcio lacks the private names the lane uses"
+
+        def echo(calls: list[LaneCall]) -> None:
+            for call in calls:
+                call.reply(call.message)
+
+        lane = Lane(server, {PROBE_METHOD: echo}, max_calls=1)
+        port = server.add_insecure_port("127.0.0.1:0")
+        if port == 0:
+            return "could not open a loopback port for the probe"
+        server.start()
+        lane.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            call = channel.unary_unary(PROBE_METHOD, request_serializer=None, response_deserializer=None)
+            answer = call(probe, timeout=timeout_s)
+        if answer != probe:
+            return f"the probe call came back altered ({len(answer)} bytes, expected {len(probe)})"
+        return None
+    except Exception as exc:  # noqa: BLE001 (any failure means: do not use the lane)
+        return f"the probe call failed: {type(exc).__name__}: {str(exc)[:200]}"
+    finally:
+        if server is not None:
+            server.stop(None).wait(timeout_s)
+        if lane is not None:
+            lane.stop(timeout_s)
 
 
 class LaneCall:

@@ -90,6 +90,8 @@ def merge(snaps: list[Snapshot]) -> Snapshot:
     for s in snaps[1:]:
         for key in ("success", "fail", "inference_count", "execution_count", "request_ns", "queue_ns", "input_ns", "infer_ns", "output_ns", "queue_depth"):
             out[key] += s[key]
+        if "lane_active" in s:
+            out["lane_active"] = out.get("lane_active", 0) + s["lane_active"]
         out["ready"] = min(out["ready"], s["ready"])
         for k, n in s["requests_by"].items():
             out["requests_by"][k] = out["requests_by"].get(k, 0) + n
@@ -126,7 +128,7 @@ def render(s: Snapshot) -> str:
     """The Prometheus text exposition format (version 0.0.4), written directly.
 
     A hand-written renderer instead of prometheus_client: on a device it saves the
-    library's ~4.6 MB of resident memory and ~60 ms of start-up (measured, see README),
+    library's ~4.6 MB of resident memory and ~60 ms of start-up (measured, docs/performance.md "Footprint"),
     and the format is a few lines of text. The tests parse it with prometheus_client's
     own parser.
     """
@@ -160,6 +162,10 @@ def render(s: Snapshot) -> str:
         if previous:
             samples.append(("", {"model": s["model"], "version": previous["version"]}, previous[key] / scale))
         family(name, "counter", doc, samples)
+    if "lane_active" in s:
+        family("mnist_edge_inference_lane_active", "gauge",
+               "Processes serving ModelInfer and Classify on the inference lane (0: on the handler threads, by --no-infer-lane or after a failed lane self-check)",
+               [("", {}, s["lane_active"])])
     for key, name, doc in (
         ("request", "mnist_edge_request_duration_seconds", "Request duration (inference requests for the model)"),
         ("queue", "mnist_edge_queue_duration_seconds", "Time a request waited in the batcher's queue"),

@@ -207,6 +207,7 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
             pixel_convention=model.pixel_convention,
             max_images_per_request=self.core.settings.max_request_images,
             labels=model.labels,
+            inference_path=self.core.inference_path,
         )
 
 

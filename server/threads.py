@@ -7,7 +7,7 @@ recently, so a lightly loaded server keeps reusing one thread (the likeliest to 
 stack and onnxruntime's per-thread state in the cache) and a busy one the few it needs; threads
 start on demand, up to `max_workers`, and never exit before shutdown. With a fixed response,
 4 such threads cost a quarter less CPU per request than the stock 64-thread pool at
-concurrency 64 (`python -m mnist_edge.bench.anatomy`, README "Speed").
+concurrency 64 (`python -m mnist_edge.bench.anatomy`, docs/performance.md "Handler threads").
 
 Streams hold their thread for as long as they stay open. grpcio lets a method carry its
 own pool (`experimental_thread_pool` on the behavior); `register` uses that to put every

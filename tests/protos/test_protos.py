@@ -616,6 +616,7 @@ def test_digits_messages(digits):
         "pixel_convention": (6, "single", "string"),
         "max_images_per_request": (7, "single", "uint32"),
         "labels": (8, "repeated", "string"),
+        "inference_path": (9, "single", "string"),
     }
     # docs/design.md declares no `optional` fields.
     for msg in digits.DESCRIPTOR.message_types_by_name.values():

@@ -400,3 +400,65 @@ def test_a_hand_off_refused_by_a_stopped_pool_is_answered_unavailable():
     servicer.classify_group([call])
     assert answers == ["handed off", (grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")]
     assert Core.stats.requests_by == {("native", "UNAVAILABLE"): 1}
+
+
+# -- the start-up self-check and the fallback it chooses ------------------------------------
+
+
+def _model_info(address: str) -> dpb.ModelInfo:
+    with grpc.insecure_channel(address) as ch:
+        return dpb_grpc.DigitClassifierStub(ch).GetModelInfo(dpb.GetModelInfoRequest(), timeout=10)
+
+
+def _lane_active_metric(metrics_address: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("mnist_edge_inference_lane_active ")]
+    return float(line.split()[1])
+
+
+def _altered_reply(monkeypatch) -> None:
+    """A lane whose private calls still exist but no longer behave: every answer comes back reversed."""
+    reply = lane.LaneCall.reply
+    monkeypatch.setattr(lane.LaneCall, "reply", lambda self, body: reply(self, body[::-1]))
+
+
+def test_the_lane_proves_itself_with_one_loopback_call():
+    assert lane.self_check() is None
+
+
+def test_a_lane_that_answers_wrongly_fails_its_self_check(monkeypatch):
+    _altered_reply(monkeypatch)
+    reason = lane.self_check()
+    assert reason is not None and "altered" in reason
+
+
+def test_with_the_lane_the_model_info_and_metrics_say_so(mnist):
+    with running_server(metrics_address="127.0.0.1:0") as app:
+        assert app.lane is not None
+        assert _model_info(app.address).inference_path == "lane"
+        assert _lane_active_metric(app.metrics_address) == 1
+
+
+def test_a_failed_self_check_falls_back_to_the_handler_threads_visibly(mnist, monkeypatch, caplog):
+    _altered_reply(monkeypatch)
+    caplog.set_level("WARNING", logger="mnist_edge.server")
+    with running_server(metrics_address="127.0.0.1:0") as app:
+        assert app.lane is None
+        g = gate(app)
+        ch, s = stub(app.address)
+        with ch:
+            images = mnist.test.images[:2]
+            _, ref = ort_reference(app.core.model.file, images)
+            assert digits(s.ModelInfer(request(images), timeout=10)) == ref.tolist()
+            native = dpb_grpc.DigitClassifierStub(ch).Classify(
+                dpb.ClassifyRequest(images=[dpb.Image(pixels=images[0].tobytes())]), timeout=10
+            )
+            assert native.predictions[0].digit == ref[0]
+        assert all(name.startswith("rpc") for name in g.threads), g.threads
+        assert _model_info(app.address).inference_path == "handler-threads"
+        assert _lane_active_metric(app.metrics_address) == 0
+    warnings = [r.getMessage() for r in caplog.records if "self-check failed" in r.getMessage()]
+    assert warnings and "altered" in warnings[0], [r.getMessage() for r in caplog.records]

@@ -65,7 +65,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "precision", "sha256", "input_shape", "pixel_convention", "max_images_per_request", "labels")
+    __slots__ = ("name", "version", "precision", "sha256", "input_shape", "pixel_convention", "max_images_per_request", "labels", "inference_path")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class ModelInfo(_message.Message):
     PIXEL_CONVENTION_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_PATH_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     precision: str
@@ -82,4 +83,5 @@ class ModelInfo(_message.Message):
     pixel_convention: str
     max_images_per_request: int
     labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., precision: _Optional[str] = ..., sha256: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., pixel_convention: _Optional[str] = ..., max_images_per_request: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    inference_path: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., precision: _Optional[str] = ..., sha256: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., pixel_convention: _Optional[str] = ..., max_images_per_request: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., inference_path: _Optional[str] = ...) -> None: ...
