@@ -82,8 +82,13 @@ say "wheelhouse: $PY -m pip wheel . (the project and its base dependencies) and 
 rm -rf build
 quiet() { { grep -v "^WARNING: Location 'file:" || true; } >&2; }
 "$PY" -m pip wheel -q --disable-pip-version-check --wheel-dir "$ctx/wheelhouse/deps" . 2>&1 | quiet
-# pip runs from its wheel inside the build and never enters the image.
-"$PY" -m pip download -q --disable-pip-version-check --no-deps --dest "$ctx/wheelhouse/tools" pip 2>&1 | quiet
+# pip runs from its wheel inside the build and never enters the image; the wheel is kept in the
+# cache, so later builds need PyPI only for the dependencies (pip's own cache has those).
+if ! ls "$CACHE"/pip/pip-*.whl >/dev/null 2>&1; then
+  mkdir -p "$CACHE/pip"
+  "$PY" -m pip download -q --disable-pip-version-check --no-deps --dest "$CACHE/pip" pip 2>&1 | quiet
+fi
+cp "$(ls "$CACHE"/pip/pip-*.whl | tail -1)" "$ctx/wheelhouse/tools/"
 rm -rf build
 mv "$ctx"/wheelhouse/deps/mnist_edge-*.whl "$ctx/wheelhouse/project/"
 # The image build cannot see what a bind mount holds: these digests (RUN arguments) make a
