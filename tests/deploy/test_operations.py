@@ -14,7 +14,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from helpers.servers import health_status, start_cli_server, wait_for
+from helpers.servers import channel_per_worker, health_status, start_cli_server, wait_for
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from mnist_edge.server import sd_notify
@@ -124,25 +124,23 @@ def test_empty_metrics_address_in_the_environment_turns_metrics_off():
     assert settings_mod.from_args([], env={}).metrics_address == "127.0.0.1:9464"
 
 
-def _metadata_call(address: str, token: bytes) -> grpc.StatusCode:
-    with grpc.insecure_channel(address) as ch:
-        try:
-            pb_grpc.GRPCInferenceServiceStub(ch).ModelMetadata(pb.ModelMetadataRequest(name="mnist"), timeout=10,
-                                                               metadata=[("authorization", "Bearer " + token.decode())])
-            return grpc.StatusCode.OK
-        except grpc.RpcError as exc:
-            return exc.code()
+def _metadata_call(ch: grpc.Channel, token: bytes) -> grpc.StatusCode:
+    try:
+        pb_grpc.GRPCInferenceServiceStub(ch).ModelMetadata(pb.ModelMetadataRequest(name="mnist"), timeout=10,
+                                                           metadata=[("authorization", "Bearer " + token.decode())])
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
 
 
-def _infer_call(address: str, token: bytes) -> grpc.StatusCode:
+def _infer_call(ch: grpc.Channel, token: bytes) -> grpc.StatusCode:
     req = pb.ModelInferRequest(model_name="mnist", inputs=[pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 28, 28])],
                                raw_input_contents=[np.zeros((1, 28, 28), np.uint8).tobytes()])
-    with grpc.insecure_channel(address) as ch:
-        try:
-            pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10, metadata=[("authorization", "Bearer " + token.decode())])
-            return grpc.StatusCode.OK
-        except grpc.RpcError as exc:
-            return exc.code()
+    try:
+        pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10, metadata=[("authorization", "Bearer " + token.decode())])
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -153,22 +151,24 @@ def test_sighup_rotates_the_bearer_token(tmp_path, workers):
     proc, address = start_cli_server(tmp_path, "--token-file", str(token_file), "--workers", str(workers), "--log-format", "json")
     try:
         wait_for(lambda: health_status(address) == "SERVING", timeout=60)
-        assert _metadata_call(address, old) == grpc.StatusCode.OK and _infer_call(address, old) == grpc.StatusCode.OK
-        assert _metadata_call(address, new) == grpc.StatusCode.UNAUTHENTICATED
+        channels = channel_per_worker(address, workers, metadata=[("authorization", "Bearer " + old.decode())])  # one per worker
+        for ch in channels:
+            assert _metadata_call(ch, old) == grpc.StatusCode.OK and _infer_call(ch, old) == grpc.StatusCode.OK
+            assert _metadata_call(ch, new) == grpc.StatusCode.UNAUTHENTICATED
         tmp = tmp_path / "token.new"
         tmp.write_bytes(new + b"\n")
         os.replace(tmp, token_file)
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: _metadata_call(address, new) == grpc.StatusCode.OK, timeout=20)
-        for _ in range(2 * workers):  # every worker (each call may land on another)
-            assert _metadata_call(address, new) == grpc.StatusCode.OK and _infer_call(address, new) == grpc.StatusCode.OK
-            assert _metadata_call(address, old) == grpc.StatusCode.UNAUTHENTICATED
-            assert _infer_call(address, old) == grpc.StatusCode.UNAUTHENTICATED
+        wait_for(lambda: all(_metadata_call(ch, new) == grpc.StatusCode.OK for ch in channels), timeout=20)
+        for ch in channels:  # every worker
+            assert _metadata_call(ch, new) == grpc.StatusCode.OK and _infer_call(ch, new) == grpc.StatusCode.OK
+            assert _metadata_call(ch, old) == grpc.StatusCode.UNAUTHENTICATED
+            assert _infer_call(ch, old) == grpc.StatusCode.UNAUTHENTICATED
         # A token file that became unreadable keeps the token in effect.
         token_file.write_bytes(b"short")
         proc.send_signal(signal.SIGHUP)
         time.sleep(1.0)
-        assert _metadata_call(address, new) == grpc.StatusCode.OK
+        assert all(_metadata_call(ch, new) == grpc.StatusCode.OK for ch in channels)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
