@@ -13,7 +13,13 @@ import grpc
 import numpy as np
 import pytest
 from helpers.models import copy_models, set_version
-from helpers.servers import channel_per_worker, health_status, running_server, start_cli_server, wait_for
+from helpers.servers import (
+    channel_per_worker,
+    health_status,
+    running_server,
+    start_cli_server,
+    wait_for,
+)
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from mnist_edge.server import model_store
