@@ -56,9 +56,14 @@ def metadata_value(metadata: Iterable[tuple[str, object]] | None, name: str) -> 
 
 
 class AccessLog:
-    def __init__(self, sample: float = 1.0, chance: Callable[[], float] = random.random) -> None:
+    """What happens when a call ends: its access log line (`log`, --access-log) and its
+    OpenTelemetry span (`spans`, --otel: server/otel.py's Spans), either or both."""
+
+    def __init__(self, sample: float = 1.0, chance: Callable[[], float] = random.random, *, log: bool = True, spans=None) -> None:
         self.sample = sample
         self._chance = chance
+        self.log = log
+        self.spans = spans
         self._logger = logging.getLogger(LOGGER + ".access")
         self._logger.setLevel(logging.INFO)  # whatever --log-level says: the handler is the parent's
 
@@ -84,7 +89,8 @@ class AccessLog:
         """`context`: the call's ServicerContext, if any, marked so that the interceptor adds no line."""
         if context is not None:
             mark_logged(context)
-        if not self.wanted(status):
+        logged = self.log and self.wanted(status)
+        if not logged and self.spans is None:
             return
         fields = {
             "request_id": request_id or metadata_value(metadata, "x-request-id"),
@@ -98,7 +104,10 @@ class AccessLog:
             "peer": peer,
             "trace_id": trace_id(metadata),
         }
-        self._logger.info(f"{method} {status}", extra={"event": "access", "fields": fields})
+        if self.spans is not None:  # every call: the SDK's sampler (OTEL_TRACES_SAMPLER) decides
+            self.spans.record(fields, duration_ns, metadata)
+        if logged:
+            self._logger.info(f"{method} {status}", extra={"event": "access", "fields": fields})
 
 
 # -- every other RPC: one line per call from a server interceptor --------------------------

@@ -412,6 +412,9 @@ class App:
             self.health_server.stop(0).wait()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
+        spans = self.core.access_log.spans if self.core.access_log is not None else None
+        if spans is not None:
+            spans.shutdown()  # export the spans still buffered
         logs.event("stopped", "server stopped", exit_code=self.exit_code)
         self.stopped.set()
 

@@ -46,12 +46,18 @@ class Core:
         self.batcher = self._new_batcher(self._run_unloaded, self.stats)
         # The version a reload replaced, still answering calls that name it (version grace).
         self.previous: Previous | None = None
-        # --access-log: one line per call (server/access_log.py), written by the handlers.
+        # --access-log and --otel: a line and/or a span per call (server/access_log.py), from the handlers.
         self.access_log = None
-        if settings.access_log:
+        if settings.access_log or settings.otel:
             from mnist_edge.server.access_log import AccessLog
 
-            self.access_log = AccessLog(settings.access_log_sample)
+            spans = None
+            if settings.otel:  # never imported otherwise
+                from mnist_edge import __version__
+                from mnist_edge.server.otel import Spans
+
+                spans = Spans(version=__version__)
+            self.access_log = AccessLog(settings.access_log_sample, log=settings.access_log, spans=spans)
 
     def _new_batcher(self, run, stats: Statistics) -> Batcher:
         s = self.settings

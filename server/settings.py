@@ -59,6 +59,7 @@ class Settings:
     max_concurrent_rpcs: int = _opt(1024, "calls accepted at once; more get RESOURCE_EXHAUSTED from gRPC (ModelInfer and Classify on the inference lane: more wait in gRPC core)")
     access_log: bool = _opt(False, "one JSON line per call on the log stream (request id, method, status, images, timings, peer, trace id); docs/deploy.md")
     access_log_sample: float = _opt(1.0, "fraction of calls the access log records (0..1), for busy servers")
+    otel: bool = _opt(False, "an OpenTelemetry span per call, exported as the OTEL_* variables say (needs pip install 'mnist-edge[otel]'); docs/deploy.md")
     previous_version_grace_s: float = _opt(30.0, "after a reload, the previous version still answers calls that name it for this many seconds, then is unloaded")
     log_format: str = _opt("json", "log line format: json or text", choices=("json", "text"))
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
@@ -68,6 +69,11 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.otel:
+            import importlib.util
+
+            if importlib.util.find_spec("opentelemetry") is None or importlib.util.find_spec("opentelemetry.sdk") is None:
+                raise ValueError("--otel needs the OpenTelemetry SDK, which is not installed: pip install 'mnist-edge[otel]'")
         if not 0.0 <= self.access_log_sample <= 1.0:
             raise ValueError(f"--access-log-sample must be between 0 and 1, got {self.access_log_sample}")
         for name in ("max_queue_delay_us", "grace_s", "drain_delay_s", "watch_s", "max_connection_age_s", "previous_version_grace_s"):

@@ -52,6 +52,7 @@ SAMPLES: dict[str, tuple[str, object, str, object]] = {
     "access_log": ("1", True, "--no-access-log", False),
     "access_log_sample": ("0.25", 0.25, "0.5", 0.5),
     "previous_version_grace_s": ("5", 5.0, "0", 0.0),
+    "otel": ("1", True, "--no-otel", False),
     "log_format": ("text", "text", "json", "json"),
     "log_level": ("debug", "debug", "error", "error"),
 }
