@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-arg", action="append", default=[], help="extra `mnist-edge serve` argument (repeatable), e.g. --server-arg=--workers=2")
     p.add_argument("--minimal", action=argparse.BooleanOptionalAction, default=d.minimal, help="also measure bench.minimal (a bare parse + session.run servicer) at the 1-image points")
     p.add_argument("--unix", action=argparse.BooleanOptionalAction, default=d.unix, help="also measure mnist-edge on a unix: socket at the 1-image points")
+    p.add_argument("--rest", action=argparse.BooleanOptionalAction, default=d.rest, help="also measure REST (--http-address), JSON and binary, 1 image")
     p.add_argument("--out", type=Path, default=d.out_dir, help="directory for bench.json and bench.md")
     p.add_argument("--perf-analyzer", default=None, help="path to Triton's perf_analyzer, or none (default: MNIST_EDGE_PERF_ANALYZER, PATH, or .venv-triton)")
     args = p.parse_args(argv)
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BenchConfig(
         rounds=args.rounds, seconds=args.seconds, max_requests=args.max_requests, concurrency=args.concurrency,
         payloads=args.payloads, stream=args.stream, cold_starts=args.cold_starts, server_args=tuple(args.server_arg),
-        out_dir=args.out, perf_analyzer=pa, minimal=args.minimal, unix=args.unix,
+        out_dir=args.out, perf_analyzer=pa, minimal=args.minimal, unix=args.unix, rest=args.rest,
     )
     result = run(cfg, log=lambda m: print(m, file=sys.stderr))
     j, m = write(result, args.out)

@@ -5,7 +5,12 @@ one unary method and one bidirectional stream that return the request bytes unch
 (identity serializers: no protobuf at all). Whatever mnist-edge costs above this is
 the price of parsing, validation, batching, the model and the response.
 
+`--http`: the HTTP floor, measured the same way: the HTTP transport mnist-edge's REST APIs
+run on (server/http.py: httptools, a thread per keep-alive connection) answering every
+POST with its own body, no routing, no JSON.
+
     python -m mnist_edge.bench.floor --address 127.0.0.1:0 --port-file /tmp/floor.port
+    python -m mnist_edge.bench.floor --http --address 127.0.0.1:0 --port-file /tmp/httpfloor.port
 """
 
 from __future__ import annotations
@@ -54,12 +59,38 @@ def create_server(address: str = "127.0.0.1:0", threads: int = 64) -> tuple[grpc
     return server, f"{host}:{port}"
 
 
+class HttpEcho:
+    """The HTTP floor: server.http's transport with a handler that returns the request body."""
+
+    def __init__(self, address: str) -> None:
+        from mnist_edge.server.http import HttpServer, Response
+
+        def echo(request):
+            return Response(200, request.body, [("Content-Type", request.headers.get("content-type", "application/octet-stream"))])
+
+        self._server = HttpServer(address, echo)
+        self.address = self._server.address
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, grace: float):
+        self._server.stop(grace)
+        done = threading.Event()  # as grpc.Server.stop returns: an event, set once stopped
+        done.set()
+        return done
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mnist_edge.bench.floor", description=__doc__.splitlines()[0])
     p.add_argument("--address", default="127.0.0.1:0")
     p.add_argument("--port-file", default=None)
     p.add_argument("--threads", type=int, default=64, help="thread pool size (a stock ThreadPoolExecutor, as reference servers run it)")
+    p.add_argument("--http", action="store_true", help="the HTTP floor instead of the gRPC one")
     args = p.parse_args(argv)
+    if args.http:
+        echo = HttpEcho(args.address)
+        return serve_until_signal(echo, echo.address, args.port_file)
     server, address = create_server(args.address, args.threads)
     return serve_until_signal(server, address, args.port_file)
 

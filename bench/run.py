@@ -2,6 +2,8 @@
 
 Floors (docs/design.md "Where performance is measured"):
 - transport floor: bench.floor, a sync grpc.server echoing the same request bytes;
+- HTTP floor (for the REST rows): bench.floor --http, the REST port's own transport
+  echoing the same request bytes;
 - compute floor: a bare onnxruntime `session.run` in-process.
 
 Servers run pinned to CPU 0, the load generator to CPU 1. Floor and server are
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mnist_edge.bench import floor as floor_mod
-from mnist_edge.bench import loadgen
+from mnist_edge.bench import httpload, loadgen
 from mnist_edge.bench import perf_analyzer as pa_mod
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -51,6 +53,7 @@ class BenchConfig:
     perf_analyzer: str | None = None
     minimal: bool = True  # also measure bench.minimal (parse + session.run, nothing else) at the 1-image points
     unix: bool = True  # also measure mnist-edge on a unix: socket at the 1-image points (on-device clients)
+    rest: bool = True  # also measure REST (--http-address), JSON and binary, 1 image, at the lowest and highest concurrency
 
 
 @dataclass
@@ -125,6 +128,33 @@ def floor_cmd() -> list[str]:
     return [sys.executable, "-m", "mnist_edge.bench.floor", "--address", "127.0.0.1:0"]
 
 
+def http_floor_cmd() -> list[str]:
+    return [sys.executable, "-m", "mnist_edge.bench.floor", "--http", "--address", "127.0.0.1:0"]
+
+
+def free_port() -> int:
+    """A port free right now (the REST server's HTTP port: its port file names the gRPC one)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rest_payloads(images: np.ndarray) -> dict[str, bytes]:
+    """Whole HTTP requests for REST inference: JSON, and Triton's binary tensor data extension."""
+    n = len(images)
+    path = "/v2/models/mnist/infer"
+    pixels = np.ascontiguousarray(images, dtype=np.uint8)
+    as_json = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [n, 28, 28], "data": pixels.reshape(-1).tolist()}]}).encode()
+    head = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [n, 28, 28], "parameters": {"binary_data_size": pixels.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    return {
+        "json": httpload.request_bytes(path, as_json, {"Content-Type": "application/json"}),
+        "binary": httpload.request_bytes(path, head + pixels.tobytes(), {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}),
+    }
+
+
 def minimal_cmd() -> list[str]:
     return [sys.executable, "-m", "mnist_edge.bench.minimal", "--address", "127.0.0.1:0"]
 
@@ -188,10 +218,15 @@ def compute_floor(model_file: Path, images: np.ndarray, runs: int = 30) -> dict[
             os.sched_setaffinity(0, old)
 
 
-def measure(proc: Proc, method: str, payload: bytes, conc: int, cfg: BenchConfig, stream: bool, images_per_request: int, stats: bool) -> dict[str, Any]:
+def measure(proc: Proc, method: str, payload: bytes, conc: int, cfg: BenchConfig, stream: bool, images_per_request: int, stats: bool,
+            http_address: str | None = None) -> dict[str, Any]:
+    """One point: gRPC `method` at proc.address, or (with `http_address`) the whole HTTP request `payload` there."""
     before = batch_counters(proc.address) if stats else None
     cpu0 = proc.cpu_seconds()
-    res = loadgen.run(proc.address, method, payload, concurrency=conc, max_requests=cfg.max_requests, max_seconds=cfg.seconds, stream=stream, warmup=20)
+    if http_address is not None:
+        res = httpload.run(http_address, payload, concurrency=conc, max_requests=cfg.max_requests, max_seconds=cfg.seconds, warmup=20)
+    else:
+        res = loadgen.run(proc.address, method, payload, concurrency=conc, max_requests=cfg.max_requests, max_seconds=cfg.seconds, stream=stream, warmup=20)
     cpu = proc.cpu_seconds() - cpu0
     row: dict[str, Any] = {
         "requests": res.requests,
@@ -267,6 +302,8 @@ def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
     if cfg.stream:
         for c in cfg.concurrency:
             scenarios.append(("stream-1", 1, c, True))
+    rest_scenarios = [(f"rest-{kind}-1", kind, c) for kind in ("binary", "json") for c in sorted({min(cfg.concurrency), max(cfg.concurrency)})] if cfg.rest else []
+    rest_requests = rest_payloads(test.images[:1])
 
     rounds: dict[str, dict[str, list[dict[str, Any]]]] = {}
     # A short directory for the unix socket: socket paths are limited to ~107 bytes.
@@ -277,10 +314,16 @@ def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
         server = start(server_cmd(cfg), tmp / "server.port")
         minimal = start(minimal_cmd(), tmp / "minimal.port") if cfg.minimal else None
         unix = start(server_cmd(cfg, f"unix:{sock_dir / 'bench.sock'}"), tmp / "unix.port") if cfg.unix else None
+        # REST: its own server (HTTP on), so the gRPC rows and their RSS are measured as deployed by default.
+        rest_http = f"127.0.0.1:{free_port()}"
+        rest = start(server_cmd(cfg) + ["--http-address", rest_http], tmp / "rest.port") if cfg.rest else None
+        http_floor = start(http_floor_cmd(), tmp / "httpfloor.port") if cfg.rest else None
         try:
             wait_serving(server.address)
             if unix is not None:
                 wait_serving(unix.address)
+            if rest is not None:
+                wait_serving(rest.address)
             order = [("floor", floor), ("server", server)] if r % 2 == 0 else [("server", server), ("floor", floor)]
             if minimal is not None:
                 order.insert(1, ("minimal", minimal))
@@ -300,10 +343,22 @@ def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
                     row = measure(proc, method, payload, c, cfg, stream, n, stats=who in ("server", "unix"))
                     log(f"  {key:<18} {who:<6} p50 {row['p50_us']:8.0f} us  {row['throughput_rps']:8.0f} req/s  errors {row['errors']}")
                     rounds.setdefault(key, {}).setdefault(who, []).append(row)
+            for name, kind, c in rest_scenarios:
+                key = f"{name} c={c}"
+                pair = [("floor", http_floor, http_floor.address), ("server", rest, rest_http)]
+                for who, proc, address in (pair if r % 2 == 0 else pair[::-1]):
+                    row = measure(proc, "", rest_requests[kind], c, cfg, False, 1, stats=who == "server", http_address=address)
+                    log(f"  {key:<18} {who:<6} p50 {row['p50_us']:8.0f} us  {row['throughput_rps']:8.0f} req/s  errors {row['errors']}")
+                    rounds.setdefault(key, {}).setdefault(who, []).append(row)
             result.setdefault("peak_rss_mb", {"server": [], "floor": []})
             result["peak_rss_mb"]["server"].append(server.peak_rss_mb())
             result["peak_rss_mb"]["floor"].append(floor.peak_rss_mb())
+            if rest is not None:
+                result["peak_rss_mb"].setdefault("server_http_on", []).append(rest.peak_rss_mb())
         finally:
+            for extra in (rest, http_floor):
+                if extra is not None:
+                    extra.stop()
             floor.stop()
             server.stop()
             if minimal is not None:
@@ -333,7 +388,9 @@ def run(cfg: BenchConfig, log=print) -> dict[str, Any]:
     log("cold start ...")
     result["cold_start"] = cold_start(cfg, tmp)
     result["peak_rss_mb"] = {k: max(v) for k, v in result.get("peak_rss_mb", {}).items()}
+    result["_rounds"] = rounds
     result["targets"] = targets(result)
+    del result["_rounds"]
     if cfg.perf_analyzer:
         result["perf_analyzer"] = perf_analyzer(cfg, tmp, log)
     return result
@@ -362,6 +419,11 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     s, u = _get(result, "stream-1 c=1", "server_p50_us"), _get(result, "unary-1 c=1", "server_p50_us")
     add("stream c=1 p50 / unary c=1 p50", (s / u) if s and u else None, "<=", 0.8)
     add("cold start to SERVING, s (median of 5)", result.get("cold_start", {}).get("median_s"), "<=", 1.0)
+    grpc_rounds = result.get("_rounds", {}).get("unary-1 c=1", {}).get("server")
+    for kind, budget in (("binary", 1.2), ("json", 1.5)):
+        rest_rounds = result.get("_rounds", {}).get(f"rest-{kind}-1 c=1", {}).get("server")
+        if rest_rounds and grpc_rounds:
+            add(f"REST {kind} 1 image c=1: p50 / gRPC ModelInfer p50 (same round)", median_ratio(rest_rounds, grpc_rounds, "p50_us"), "<=", budget)
     return out
 
 
@@ -448,7 +510,11 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{p['unix_vs_tcp_p99_us']:.2f} | {p['unix_throughput_rps']:,.0f} | {p['unix_vs_tcp_throughput_rps']:.2f} |")
     cs = result["cold_start"]
     lines += ["", f"Cold start to SERVING (spawn to first SERVING health answer): median {cs['median_s']:.3f} s of {len(cs['runs_s'])}.",
-              f"Peak RSS: server {result['peak_rss_mb'].get('server', float('nan')):.0f} MB, floor {result['peak_rss_mb'].get('floor', float('nan')):.0f} MB."]
+              f"Peak RSS: server {result['peak_rss_mb'].get('server', float('nan')):.0f} MB, floor {result['peak_rss_mb'].get('floor', float('nan')):.0f} MB"
+              + (f", server with --http-address (after the REST rows) {result['peak_rss_mb']['server_http_on']:.0f} MB." if "server_http_on" in result["peak_rss_mb"] else ".")]
+    if any(k.startswith("rest-") for k in result["points"]):
+        lines += ["", "REST rows (rest-*): mnist-edge with --http-address, POST /v2/models/mnist/infer on keep-alive connections "
+                  "(bench/httpload.py); their floor is the HTTP floor (bench.floor --http), not the gRPC one."]
     pa = result.get("perf_analyzer")
     if pa:
         lines += ["", "## Triton perf_analyzer against mnist-edge (its own load and timing)", "",

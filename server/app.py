@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mnist_edge import __version__
@@ -28,6 +28,7 @@ from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
 from mnist_edge.protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from mnist_edge.server import lane, logs, model_store, native, threads, v2
 from mnist_edge.server.core import Core, State
+from mnist_edge.server.health import HealthServicer
 from mnist_edge.server.model_store import LoadedModel
 from mnist_edge.server.native import DigitClassifierServicer
 from mnist_edge.server.settings import Settings
@@ -100,7 +101,7 @@ class App:
         self._shutting_down = False
         self._reload_lock = threading.Lock()
 
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = HealthServicer(experimental_non_blocking=True)
         # grpc's HealthServicer starts with "" SERVING: readiness must start NOT_SERVING.
         for name in READINESS_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -128,11 +129,13 @@ class App:
 
             interceptors.append(AccessInterceptor(self.core.access_log))
         token = None
+        token_bytes = None
         if settings.token_file:
             from mnist_edge.server.auth import TokenInterceptor, read_token
 
             try:
-                token = TokenInterceptor(read_token(settings.token_file))
+                token_bytes = read_token(settings.token_file)
+                token = TokenInterceptor(token_bytes)
             except ValueError as exc:
                 raise BindError(str(exc)) from None
             interceptors.append(token)
@@ -147,7 +150,7 @@ class App:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             interceptors=interceptors,
         )
-        v2_servicer = InferenceServicer(self.core, __version__)
+        v2_servicer = InferenceServicer(self.core, __version__, offload=self.pool.submit)
         native_servicer = DigitClassifierServicer(self.core, offload=self.pool.submit)
         # ModelInfer and Classify on the inference lane (server/lane.py): one thread, no
         # hand-offs. grpcio's private layer it uses is checked first; without it they stay on
@@ -205,6 +208,11 @@ class App:
             self.health_address = f"{settings.health_address.rsplit(':', 1)[0]}:{port}"
         self.metrics_address: str | None = None
         self._metrics_httpd = None
+        # HTTP/REST only when asked for: without --http-address its modules are never imported.
+        self.http = None
+        self.http_address: str | None = None
+        if settings.http_address:
+            self._bind_http(token_bytes, reuseport)
 
     def _log_lane_refusal(self, call: lane.LaneCall, status: str) -> None:
         """An access log line for a call the inference lane refused before any handler ran."""
@@ -229,6 +237,34 @@ class App:
             raise BindError(f"could not listen on {address} (in use, or not an address of this machine)")
         host = address.rsplit(":", 1)[0]
         return f"{host}:{port}"
+
+    def _bind_http(self, token: bytes | None, reuseport: bool) -> None:
+        from mnist_edge.server.http import HttpServer, server_ssl_context
+        from mnist_edge.server.rest import RestApi
+
+        s = self.settings
+        try:
+            context = server_ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
+        except (OSError, ValueError) as exc:
+            raise BindError(f"could not read TLS files for --http-address: {exc}") from None
+        api = RestApi(self.core, __version__, token=token, cors_origin=s.http_cors_origin)
+        try:
+            self.http = HttpServer(
+                s.http_address, api, max_connections=s.http_max_connections, read_timeout_s=s.http_read_timeout_s,
+                idle_timeout_s=s.http_idle_timeout_s, max_body_bytes=s.max_message_bytes, ssl_context=context,
+                reuseport=reuseport, closing=lambda: self.core.state in (State.DRAINING, State.STOPPING),
+            )
+        except OSError as exc:
+            raise BindError(f"could not listen on {s.http_address} (--http-address): {exc.strerror or exc}") from None
+        self.http_address = self.http.address
+
+    def _stop_http(self, grace_s: float) -> threading.Thread | None:
+        """Stop the HTTP port alongside gRPC: returns the thread to join."""
+        if self.http is None:
+            return None
+        t = threading.Thread(target=self.http.stop, args=(grace_s,), name="http-stop", daemon=True)
+        t.start()
+        return t
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         s = self.settings
@@ -263,6 +299,8 @@ class App:
             except OSError as exc:
                 raise BindError(f"could not serve metrics on {self.settings.metrics_address} (--metrics-address): {exc}") from None
         self.server.start()
+        if self.http is not None:
+            self.http.start()
         if self.lane is not None:
             self.lane.start()
         if self.health_server is not None:
@@ -275,6 +313,7 @@ class App:
             address=self.address,
             metrics=f"http://{self.metrics_address}/metrics" if self.metrics_address else None,
             health=self.health_address,
+            http=self.http_address,
             tls=bool(self.settings.tls_cert),
             mtls=bool(self.settings.tls_client_ca),
             token=bool(self.settings.token_file),
@@ -382,7 +421,10 @@ class App:
         self.stream_pool.shutdown(wait=False)
 
     def _stop_now(self) -> None:
+        http_stopped = self._stop_http(0)
         self.server.stop(0).wait()
+        if http_stopped is not None:
+            http_stopped.join()
         self._stop_pools()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
@@ -406,7 +448,10 @@ class App:
         if self.core.state is not State.FAILED:
             self.core.set_state(State.STOPPING)
         logs.event("stopping", f"refusing new calls; calls in flight have {s.grace_s}s to finish", grace_s=s.grace_s)
+        http_stopped = self._stop_http(s.grace_s)
         self.server.stop(s.grace_s).wait()
+        if http_stopped is not None:
+            http_stopped.join()
         self._stop_pools()
         if self.health_server is not None:
             self.health_server.stop(0).wait()

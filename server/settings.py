@@ -51,6 +51,14 @@ class Settings:
     tls_client_ca: str | None = _opt(None, "PEM CA bundle: require client certificates signed by it (mutual TLS)")
     token_file: str | None = _opt(None, "file holding a bearer token every call must present (health is exempt)")
     health_address: str | None = _opt(None, "HOST:PORT for a plaintext health-only listener (for probes that cannot speak TLS)")
+    http_address: str = _opt(
+        "", "HOST:PORT for HTTP/REST: the Open Inference Protocol over REST, POST /v1/classify and the page at / "
+        '(port 0 picks a free port; "" turns it off); same TLS and token as gRPC'
+    )
+    http_cors_origin: str | None = _opt(None, "origins allowed to call the HTTP APIs from a browser, comma-separated, or * (default: CORS off)")
+    http_max_connections: int = _opt(256, "HTTP connections open at once; a new one closes the connection idle longest, or gets 503 when all are busy")
+    http_read_timeout_s: float = _opt(30.0, "seconds an HTTP request may take to arrive, from its first byte to its last (then 408)")
+    http_idle_timeout_s: float = _opt(60.0, "seconds an idle HTTP keep-alive connection stays open")
     metrics_address: str = _opt("127.0.0.1:9464", 'HOST:PORT for the Prometheus /metrics endpoint ("" turns it off)', empty_is_value=True)
     intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per session")
     infer_lane: bool = _opt(True, "serve ModelInfer and the native Classify on one thread straight from gRPC's completion queue (no thread hand-offs; requests ready together run as one batch; encoded images go to the handler threads); off: on the handler threads")
@@ -66,6 +74,7 @@ class Settings:
 
     def validate(self) -> "Settings":
         positive = ("workers", "max_request_images", "max_batch_size", "max_queue", "max_image_bytes", "max_image_pixels", "max_message_bytes", "intra_op_threads", "handler_threads", "stream_threads", "max_concurrent_rpcs")
+        positive += ("http_max_connections", "http_read_timeout_s", "http_idle_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -88,6 +97,8 @@ class Settings:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.http_address and (self.http_address.startswith("unix:") or ":" not in self.http_address):
+            raise ValueError(f"--http-address must be HOST:PORT, got {self.http_address!r}")
         if self.workers > 1 and self.address.startswith("unix:"):
             raise ValueError("--workers must be 1 with a unix: address (a Unix socket cannot be shared by worker processes)")
         if self.max_queue < self.max_request_images:

@@ -2,7 +2,8 @@
 
 Transport at the edge: each RPC is decode -> core -> encode. The codecs turn a
 ModelInferRequest into a uint8 [N,28,28] array (raw or typed contents, UINT8 or FP32,
-[N,28,28] or [N,784]) and the results into raw output bytes; every rejection names
+[N,28,28] or [N,784], or encoded images in the BYTES input `image`: server/images.py) and
+the results into raw output bytes; every rejection names
 what was wrong and what was expected. ModelInfer is `ModelInferRpc` (server/rpc.py), one
 handler for the inference lane and the handler threads; the other RPCs are plain servicer
 methods.
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from mnist_edge.imaging.normalize import ImageLimits
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from mnist_edge.protos.inference import model_config_pb2 as mc
+from mnist_edge.server import images
 from mnist_edge.server.batching import Result
 from mnist_edge.server.core import Core
 from mnist_edge.server.errors import InvalidArgument, NotFound, grpc_errors
@@ -88,7 +91,9 @@ def fp32_to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.floor(x * 255.0 + 0.5), 0, 255).astype(np.uint8)
 
 
-def decode_infer(request: pb.ModelInferRequest, max_images: int) -> DecodedRequest:
+def decode_infer(request: pb.ModelInferRequest, max_images: int, limits: ImageLimits | None = None) -> DecodedRequest:
+    """The request's images as uint8 [N,28,28], its outputs and id. With `limits`, the BYTES
+    input `image` (encoded files) is taken in place of `pixels`."""
     # Fast path: the common, valid request (one raw UINT8 [N,28,28] input, nothing else),
     # checked with a handful of field reads; anything else takes the full path below.
     raw_list = request.raw_input_contents
@@ -103,6 +108,10 @@ def decode_infer(request: pb.ModelInferRequest, max_images: int) -> DecodedReque
         ):
             n = shape[0]
             return DecodedRequest(np.frombuffer(raw_list[0], dtype=np.uint8).reshape(n, 28, 28), OUTPUT_NAMES, request.id)
+    if limits is not None:
+        converted = images.pixels_request(request, max_images, limits)
+        if converted is not None:
+            return decode_infer(converted, max_images)
     return _decode_general(request, max_images)
 
 
@@ -297,6 +306,14 @@ class ModelInferRpc(InferenceRpc[DecodedRequest]):
     method = "ModelInfer"
     request_type = pb.ModelInferRequest
 
+    def __init__(self, core: Core, offload=None) -> None:
+        super().__init__(core, offload)
+        s = core.settings
+        self.limits = ImageLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+
+    def needs_thread(self, request: pb.ModelInferRequest) -> bool:
+        return images.has_image(request)  # decoding image files may take long: not on the lane
+
     def pinned(self, request: pb.ModelInferRequest):
         # A request for another model (or version) is not counted in this model's statistics.
         model = self.core.check_model(request.model_name, request.model_version)
@@ -306,17 +323,18 @@ class ModelInferRpc(InferenceRpc[DecodedRequest]):
         return request.id or None
 
     def decode(self, request: pb.ModelInferRequest) -> DecodedRequest:
-        return decode_infer(request, self.core.settings.max_request_images)
+        return decode_infer(request, self.core.settings.max_request_images, self.limits)
 
     def encode(self, decoded: DecodedRequest, result: Result | None) -> bytes:
         return response_bytes(decoded, result)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: Core, server_version: str) -> None:
+    def __init__(self, core: Core, server_version: str, offload=None) -> None:
         self.core = core
         self.server_version = server_version
-        self.model_infer = ModelInferRpc(core)
+        # `offload`: where the inference lane sends requests with encoded images (a handler pool's submit).
+        self.model_infer = ModelInferRpc(core, offload)
 
     def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -346,7 +364,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # The current version first, then one in its grace period after a reload.
             versions=[model.version] if request.version else [m.version for m in self.core.versions()],
             platform=PLATFORM,
-            inputs=[tm(name=INPUT, datatype="UINT8", shape=[-1, 28, 28])],
+            # A request sends one of the two; `image` is one encoded file per batch item.
+            inputs=[tm(name=INPUT, datatype="UINT8", shape=[-1, 28, 28]), tm(name=images.IMAGE_INPUT, datatype="BYTES", shape=[-1, 1])],
             outputs=[tm(name="probabilities", datatype="FP32", shape=[-1, 10]), tm(name="digit", datatype="INT64", shape=[-1])],
         )
 
@@ -359,7 +378,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             platform=PLATFORM,
             backend="onnxruntime",
             max_batch_size=s.max_request_images,
-            input=[mc.ModelInput(name=INPUT, data_type=mc.TYPE_UINT8, dims=[28, 28])],
+            input=[
+                mc.ModelInput(name=INPUT, data_type=mc.TYPE_UINT8, dims=[28, 28], optional=True),
+                mc.ModelInput(name=images.IMAGE_INPUT, data_type=mc.TYPE_STRING, dims=[1], optional=True),
+            ],
             output=[
                 mc.ModelOutput(name="probabilities", data_type=mc.TYPE_FP32, dims=[10]),
                 mc.ModelOutput(name="digit", data_type=mc.TYPE_INT64, dims=[1], reshape=mc.ModelTensorReshape(shape=[])),

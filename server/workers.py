@@ -112,12 +112,15 @@ class Supervisor:
         self.workers: list[WorkerProcess] = []
         self._reserve: socket.socket | None = None
         self.address = self._resolve(settings.address)
+        # The HTTP port is shared the same way (SO_REUSEPORT); its reservation is held here too.
+        self._http_reserve: socket.socket | None = None
+        self.http_address = self._resolve(settings.http_address, http=True) if settings.http_address else ""
         self.exit_code = 0
         self._reload_lock = threading.Lock()
         self._metrics_httpd = None
         self.metrics_address: str | None = None
 
-    def _resolve(self, address: str) -> str:
+    def _resolve(self, address: str, http: bool = False) -> str:
         if address.startswith("unix:"):
             raise ValueError("--workers N > 1 needs a TCP address: a unix: socket takes one worker")
         host, port = address.rsplit(":", 1)
@@ -130,11 +133,14 @@ class Supervisor:
         except OSError as exc:
             s.close()
             raise ValueError(f"could not reserve {address}: {exc}") from None
-        self._reserve = s  # bound, never listening: holds the port for the workers
+        if http:
+            self._http_reserve = s
+        else:
+            self._reserve = s  # bound, never listening: holds the port for the workers
         return f"{host}:{s.getsockname()[1]}"
 
     def _worker_settings(self) -> Settings:
-        return self.settings.replace(address=self.address, port_file=None, metrics_address="", watch_s=0.0)
+        return self.settings.replace(address=self.address, http_address=self.http_address, port_file=None, metrics_address="", watch_s=0.0)
 
     def start(self) -> None:
         for i in range(self.settings.workers):
@@ -154,7 +160,7 @@ class Supervisor:
 
             _atomic_text(self.settings.port_file, self.address + "\n")
         logs.event("listening", f"listening on {self.address} with {len(self.workers)} workers", address=self.address,
-                   workers=[w.pid for w in self.workers], pid=os.getpid(),
+                   workers=[w.pid for w in self.workers], pid=os.getpid(), http=self.http_address or None,
                    metrics=f"http://{self.metrics_address}/metrics" if self.metrics_address else None)
         for w in self.workers:
             state = w.wait_state({"serving", "failed", "exited"}, 120)
@@ -228,8 +234,9 @@ class Supervisor:
                 self.exit_code = self.exit_code or 1
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
-        if self._reserve is not None:
-            self._reserve.close()
+        for reserve in (self._reserve, self._http_reserve):
+            if reserve is not None:
+                reserve.close()
         logs.event("stopped", "all workers stopped", exit_code=self.exit_code)
 
 

@@ -25,7 +25,8 @@ def test_bench_runs_small_and_reports_every_figure(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
-    assert set(result["points"]) == {"unary-1 c=1", "unary-1 c=4", "unary-64 c=1", "unary-64 c=4", "stream-1 c=1", "stream-1 c=4"}
+    rest = {f"rest-{kind}-1 c={c}" for kind in ("binary", "json") for c in (1, 4)}  # REST: the lowest and highest concurrency
+    assert set(result["points"]) == {"unary-1 c=1", "unary-1 c=4", "unary-64 c=1", "unary-64 c=4", "stream-1 c=1", "stream-1 c=4"} | rest
     for key, point in result["points"].items():
         assert len(point["rounds"]["floor"]) == 1 and len(point["rounds"]["server"]) == 1, key
         assert point["errors"] == 0, (key, point["rounds"])
@@ -34,12 +35,13 @@ def test_bench_runs_small_and_reports_every_figure(tmp_path):
         if key.startswith("unary-1 "):
             assert point["minimal_ratio_p50_us"] > 0  # the reference servicer was measured too
             assert point["unix_vs_tcp_p50_us"] > 0 and point["unix_ratio_throughput_rps"] > 0  # and the unix socket
-        if key.startswith("unary"):
+        if key.startswith(("unary", "rest")):
             assert point["mean_batch_size"] >= 1
     targets = {t["target"]: t for t in result["targets"]}
-    assert len(targets) == 8
-    measured = [name for name in targets if name.startswith(("unary 1 image c=1:", "stream", "cold start"))]
-    assert len(measured) == 3 and all(targets[name]["value"] is not None for name in measured), targets
+    assert len(targets) == 10
+    measured = [name for name in targets if name.startswith(("unary 1 image c=1:", "stream", "cold start", "REST"))]
+    assert len(measured) == 5 and all(targets[name]["value"] is not None for name in measured), targets
+    assert result["peak_rss_mb"]["server_http_on"] > 0
     assert all(targets[name]["value"] is None and not targets[name]["met"] for name in targets if "c=64" in name)  # not measured: not met
     assert result["cold_start"]["median_s"] > 0 and result["compute_floor"]["batch_1_us"] > 0
     md = (out / "bench.md").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SETUP = "python3 -m venv .venv-triton && .venv-triton/bin/pip install 'tritonclient[grpc]==2.41.0' 'protobuf>=7.35.1,<8' numpy"
+SETUP = "python3 -m venv .venv-triton && .venv-triton/bin/pip install 'tritonclient[grpc,http]==2.41.0' 'protobuf>=7.35.1,<8' numpy"
 
 
 def tritonclient_python() -> Path:

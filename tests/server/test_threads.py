@@ -212,3 +212,30 @@ def test_health_watch_stays_non_blocking_on_the_stream_pool():
                 assert next(w).status == health_pb2.HealthCheckResponse.SERVING
             for w in watches:
                 w.cancel()
+
+
+def test_health_watches_closing_while_the_status_changes_never_stall_the_server():
+    """grpc_health's lock-order deadlock (server/health.py): a status change sent to watchers
+    while others close. Bounded: 20 rounds of 6 watches; the guard only catches a hang."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from mnist_edge.server.core import State
+
+    with running_server(stream_threads=2) as app:
+        with grpc.insecure_channel(app.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for round_ in range(20):
+                watches = [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=20) for _ in range(6)]
+                for w in watches:
+                    next(w)
+                flipper = threading.Thread(
+                    target=lambda: [app._sync_health(State.DRAINING if i % 2 else State.SERVING) for i in range(10)]
+                )
+                flipper.start()
+                for w in watches:
+                    w.cancel()
+                flipper.join(timeout=30)
+                assert not flipper.is_alive(), f"status changes stalled in round {round_}"
+            app._sync_health(State.SERVING)
+            response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING

@@ -185,16 +185,16 @@ def test_health_and_metadata_through_tritonclient(triton_run, server):
     mm = report["model_metadata"]
     assert mm["name"] == "mnist" and mm["versions"] == [server.core.model.version]
     assert mm["platform"] == "onnxruntime_onnx"
-    assert mm["inputs"] == [["pixels", "UINT8", [-1, 28, 28]]]
+    assert mm["inputs"] == [["pixels", "UINT8", [-1, 28, 28]], ["image", "BYTES", [-1, 1]]]
     assert mm["outputs"] == [["probabilities", "FP32", [-1, 10]], ["digit", "INT64", [-1]]]
 
 
 def test_model_config_through_tritonclient(triton_run):
-    # data_type enum values from model_config.proto: TYPE_UINT8 = 2, TYPE_INT64 = 9, TYPE_FP32 = 11
+    # data_type enum values from model_config.proto: TYPE_UINT8 = 2, TYPE_INT64 = 9, TYPE_FP32 = 11, TYPE_STRING = 13
     config = triton_run[0]["model_config"]
     assert config["name"] == "mnist" and config["platform"] == "onnxruntime_onnx"
     assert config["max_batch_size"] == 1024
-    assert config["inputs"] == [["pixels", 2, [28, 28]]]
+    assert config["inputs"] == [["pixels", 2, [28, 28]], ["image", 13, [1]]]
     assert config["outputs"] == [["probabilities", 11, [10]], ["digit", 9, [1]]]
 
 

@@ -73,7 +73,8 @@ def test_model_metadata(stub, server):
     meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="mnist"))
     assert meta.name == "mnist" and list(meta.versions) == [server.core.model.version]
     assert meta.platform == "onnxruntime_onnx"
-    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("pixels", "UINT8", [-1, 28, 28])]
+    # `image`: encoded files, one per batch item (server/images.py); a request sends one of the two
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("pixels", "UINT8", [-1, 28, 28]), ("image", "BYTES", [-1, 1])]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("probabilities", "FP32", [-1, 10]), ("digit", "INT64", [-1])]
 
 
@@ -81,7 +82,7 @@ def test_model_config(stub, server):
     cfg = stub.ModelConfig(pb.ModelConfigRequest(name="mnist")).config
     assert cfg.name == "mnist" and cfg.platform == "onnxruntime_onnx"
     assert cfg.max_batch_size == server.settings.max_request_images == 1024
-    assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [("pixels", mc.TYPE_UINT8, [28, 28])]
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in cfg.input] == [("pixels", mc.TYPE_UINT8, [28, 28], True), ("image", mc.TYPE_STRING, [1], True)]
     outs = {o.name: o for o in cfg.output}
     assert outs["probabilities"].data_type == mc.TYPE_FP32 and list(outs["probabilities"].dims) == [10]
     assert outs["digit"].data_type == mc.TYPE_INT64 and list(outs["digit"].dims) == [1]
@@ -152,7 +153,8 @@ ERRORS = {
     "NaN": (lambda im: pb.ModelInferRequest(model_name="mnist", inputs=[Tensor(name="pixels", datatype="FP32", shape=[1, 784])], raw_input_contents=[np.full(784, np.nan, np.float32).tobytes()]), grpc.StatusCode.INVALID_ARGUMENT, ["NaN or infinity"]),
     "typed uint8 over 255": (lambda im: pb.ModelInferRequest(model_name="mnist", inputs=[Tensor(name="pixels", datatype="UINT8", shape=[1, 784], contents=pb.InferTensorContents(uint_contents=[256] * 784))]), grpc.StatusCode.INVALID_ARGUMENT, ["UINT8 value 256 out of range"]),
     "typed count": (lambda im: pb.ModelInferRequest(model_name="mnist", inputs=[Tensor(name="pixels", datatype="UINT8", shape=[1, 784], contents=pb.InferTensorContents(uint_contents=[1] * 700))]), grpc.StatusCode.INVALID_ARGUMENT, ["expected 784 values in uint_contents", "got 700"]),
-    "unknown input": (lambda im: pb.ModelInferRequest(model_name="mnist", inputs=[Tensor(name="image", datatype="UINT8", shape=[1, 784])], raw_input_contents=[b"\0" * 784]), grpc.StatusCode.INVALID_ARGUMENT, ["unknown input 'image'", "'pixels'"]),
+    "unknown input": (lambda im: pb.ModelInferRequest(model_name="mnist", inputs=[Tensor(name="img", datatype="UINT8", shape=[1, 784])], raw_input_contents=[b"\0" * 784]), grpc.StatusCode.INVALID_ARGUMENT, ["unknown input 'img'", "'pixels'"]),
+    "image input not BYTES": (lambda im: pb.ModelInferRequest(model_name="mnist", inputs=[Tensor(name="image", datatype="UINT8", shape=[1])], raw_input_contents=[b"\0" * 784]), grpc.StatusCode.INVALID_ARGUMENT, ["input 'image'", "expected BYTES"]),
     "missing input": (lambda im: pb.ModelInferRequest(model_name="mnist"), grpc.StatusCode.INVALID_ARGUMENT, ["missing input 'pixels'"]),
     "duplicate input": (lambda im: pb.ModelInferRequest(model_name="mnist", inputs=[Tensor(name="pixels", datatype="UINT8", shape=[1, 784])] * 2, raw_input_contents=[b"\0" * 784] * 2), grpc.StatusCode.INVALID_ARGUMENT, ["given 2 times, expected once"]),
     "no images": (lambda im: pb.ModelInferRequest(model_name="mnist", inputs=[Tensor(name="pixels", datatype="UINT8", shape=[0, 28, 28])], raw_input_contents=[b""]), grpc.StatusCode.INVALID_ARGUMENT, ["holds no images (N=0)"]),
