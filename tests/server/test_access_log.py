@@ -147,3 +147,28 @@ def test_calls_refused_for_a_wrong_token_are_logged(tmp_path, mnist, lane):
     assert sorted((line["method"], line["status"], line["request_id"]) for line in lines) == [
         ("ModelInfer", "UNAUTHENTICATED", "denied-1"), ("ModelMetadata", "UNAUTHENTICATED", "denied-1")]
     assert all(line["peer"].startswith("ipv4:127.0.0.1:") for line in lines)
+
+
+def test_rest_inference_is_logged_with_headers_as_metadata(tmp_path, mnist):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        http = f"127.0.0.1:{s.getsockname()[1]}"
+    proc, address = start_cli_server(tmp_path, "--access-log", "--http-address", http, "--log-format", "json")
+    try:
+        wait_for(lambda: health_status(address) == "SERVING", timeout=60)
+        body = json.dumps({"id": "rest-1", "inputs": [{"name": "pixels", "shape": [1, 28, 28], "datatype": "UINT8",
+                                                       "data": mnist.test.images[0].ravel().tolist()}]}).encode()
+        req = urllib.request.Request(f"http://{http}/v2/models/mnist/infer", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "traceparent": TRACEPARENT})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+        lines = _access_lines(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (line,) = lines
+    assert (line["api"], line["method"], line["status"], line["request_id"], line["trace_id"], line["images"]) == (
+        "v2_http", "ModelInfer", "OK", "rest-1", TRACE, 1)
