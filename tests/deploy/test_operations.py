@@ -184,3 +184,25 @@ def test_sighup_rotates_the_bearer_token(tmp_path, workers):
     events = [e["event"] for e in log]
     assert events.count("token_rotated") == workers and events.count("token_refused") == workers
     assert old.decode() not in err and new.decode() not in err, "a token appeared in the log"
+
+
+def test_every_variable_the_repository_reads_is_a_setting_or_listed_as_not_one():
+    """A new MNIST_EDGE_* variable (a test's, a tool's) must join settings.NOT_FLAGS and the docs'
+    list, or every server started with it set would warn about it."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    flags = {settings_mod.env_name(f.name) for f in dataclasses.fields(settings_mod.Settings)}
+    examples = {"MNIST_EDGE_MAX_BATCH_SIZ", "MNIST_EDGE_TOTALLY_UNKNOWN", "MNIST_EDGE_SOME_NAME", "MNIST_EDGE_SERVICE_HOST",
+                "MNIST_EDGE_PORT_50051_TCP_ADDR", "MNIST_EDGE_METRICS_SERVICE_PORT"}  # in the tests and docs on purpose
+    used = set()
+    for folder in ("server", "client", "training", "export", "bench", "tools", "tests", "scripts", "deploy"):
+        for path in (repo / folder).rglob("*"):
+            if path.is_file() and path.suffix in (".py", ".sh", "") and "__pycache__" not in path.parts:
+                used |= set(re.findall(r"MNIST_EDGE_[A-Z0-9_]*[A-Z0-9]", path.read_text(errors="replace")))
+    unknown = sorted(used - flags - settings_mod.NOT_FLAGS - examples)
+    assert not unknown, f"read somewhere but neither a flag nor in settings.NOT_FLAGS: {unknown}"
+    docs = (repo / "docs" / "operating.md").read_text()
+    assert [n for n in sorted(settings_mod.NOT_FLAGS) if f"`{n}`" not in docs] == []
