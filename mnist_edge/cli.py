@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "classify": ("mnist_edge.client.cli", None, "classify image or IDX files through a running server"),
     "health": ("mnist_edge.client.health_cli", None, "check a server's health (exit 0 only when SERVING)"),
     "bench": ("mnist_edge.bench.cli", None, "benchmark the server against the transport and compute floors"),
+    "label": ("mnist_edge.client.label", None, "label captured digits in the terminal (keys 0-9, s, x, u, q)"),
+    "captures": ("mnist_edge.server.capture", None, "manage field captures: captures purge DIR [--before DATE]"),
 }
 
 # Modules whose absence means an optional extra is not installed.

@@ -218,7 +218,7 @@ class App:
         """An access log line for a call the inference lane refused before any handler ran."""
         service, _, method = call.method.name.lstrip("/").partition("/")
         self.core.access_log.record(api="v2" if service == INFERENCE_SERVICE else "native", method=method, status=status,
-                                    duration_ns=0, peer=call.peer(), metadata=call.metadata())
+                                    duration_ns=0, peer=call.peer(), metadata=call.invocation_metadata())
 
     # -- binding ----------------------------------------------------------------
     def _bind(self, address: str) -> str:
@@ -288,6 +288,8 @@ class App:
 
         snap = snapshot(self.core.stats, self.core.model, self.core.ready, self.core.batcher.queued_images, self.core.previous)
         snap["lane_active"] = 1 if self.lane is not None else 0
+        if self.core.capture is not None:
+            snap["captures"] = self.core.capture.snapshot()
         return snap
 
     def start(self, background_load: bool = True) -> "App":
@@ -419,6 +421,8 @@ class App:
             self.lane.stop()
         self.pool.shutdown(wait=False)
         self.stream_pool.shutdown(wait=False)
+        if self.core.capture is not None:
+            self.core.capture.close()  # what is queued is written (briefly) before the process ends
 
     def _stop_now(self) -> None:
         http_stopped = self._stop_http(0)

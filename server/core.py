@@ -58,6 +58,12 @@ class Core:
 
                 spans = Spans(version=__version__)
             self.access_log = AccessLog(settings.access_log_sample, log=settings.access_log, spans=spans)
+        # Field capture (server/capture.py): None unless --capture-dir is set.
+        self.capture = None
+        if getattr(settings, "capture_dir", None):
+            from mnist_edge.server import capture
+
+            self.capture = capture.from_settings(settings)
 
     def _new_batcher(self, run, stats: Statistics) -> Batcher:
         s = self.settings

@@ -77,6 +77,11 @@ def normalize_elements(elements: list[bytes], limits: ImageLimits) -> np.ndarray
 
 def image_pixels(request: pb.ModelInferRequest, max_images: int, limits: ImageLimits) -> np.ndarray:
     """The `image` input of `request` (its only input) decoded to uint8 [N, 28, 28]."""
+    return normalize_elements(image_elements(request, max_images), limits)
+
+
+def image_elements(request: pb.ModelInferRequest, max_images: int) -> list[bytes]:
+    """The encoded files of the `image` input of `request` (its only input), checked, not decoded."""
     tensor = request.inputs[0]
     if tensor.datatype != "BYTES":
         raise InvalidArgument(f"input '{IMAGE_INPUT}': datatype {tensor.datatype!r} not supported, expected BYTES (encoded image files)")
@@ -101,7 +106,7 @@ def image_pixels(request: pb.ModelInferRequest, max_images: int, limits: ImageLi
             raise InvalidArgument(f"input '{IMAGE_INPUT}': shape says {n} element(s), bytes_contents holds {len(elements)}")
     else:
         raise InvalidArgument(f"input '{IMAGE_INPUT}': no data; send raw_input_contents or contents.bytes_contents")
-    return normalize_elements(elements, limits)
+    return elements
 
 
 def has_image(request: pb.ModelInferRequest) -> bool:

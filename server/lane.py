@@ -107,7 +107,7 @@ class LaneCall:
     """One call on the lane, as a `rpc.Responder`: what a handler reads (`message`, `deadline`,
     `received_ns`) and answers with reply() or fail(), from the lane thread or another one."""
 
-    __slots__ = ("arrived", "call", "deadline", "message", "metadata_", "method", "received_ns", "stage")
+    __slots__ = ("arrived", "call", "deadline", "message", "metadata", "method", "received_ns", "stage")
     is_cancelled = None  # the lane does not watch for cancellation: a cancelled call's answer is dropped by gRPC core
 
     def __init__(self, call, method: _Method, deadline: float | None, arrived: float) -> None:
@@ -118,7 +118,14 @@ class LaneCall:
         self.message: bytes = b""
         self.received_ns = 0  # time.perf_counter_ns() when the message was read: where the server's time starts
         self.stage = _RECEIVING
-        self.metadata_: tuple = ()  # the invocation metadata (for the access log)
+        self.metadata = _EMPTY  # the call's invocation metadata
+
+    def header(self, name: str) -> str | None:
+        """The value of the call's metadata `name` (lower case), or None."""
+        for key, value in self.metadata:
+            if key == name:
+                return value if isinstance(value, str) else value.decode("latin-1")
+        return None
 
     def peer(self) -> str | None:
         """The client's address (for the access log; asked before the answer releases the call)."""
@@ -128,8 +135,8 @@ class LaneCall:
         peer = call.peer()
         return peer.decode("utf-8", "replace") if isinstance(peer, bytes) else peer
 
-    def metadata(self) -> tuple:
-        return self.metadata_
+    def invocation_metadata(self) -> tuple:
+        return self.metadata
 
     def hand_off(self) -> None:
         """The handler passes this call to another thread, which will reply() or fail() it."""
@@ -291,7 +298,7 @@ class Lane:
             now = time.monotonic()
             d = event.call_details.deadline
             c = LaneCall(event.call, tag, None if d > _NO_DEADLINE else now + (d - time.time()), now)
-            c.metadata_ = event.invocation_metadata
+            c.metadata = event.invocation_metadata
             if self._authorize is not None:
                 reason = self._authorize(event.invocation_metadata)
                 if reason is not None:

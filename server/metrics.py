@@ -25,6 +25,7 @@ of its workers' counters (see `server.workers`).
 | mnist_edge_model_info | gauge (1) | model, version, precision, sha256 | |
 | mnist_edge_model_version | gauge | model | the version number served |
 | mnist_edge_up | gauge | | 1 while SERVING |
+| mnist_edge_captures_total | counter | result (kept, dropped, error) | (field capture, --capture-dir only) |
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def merge(snaps: list[Snapshot]) -> Snapshot:
             out[key] += s[key]
         if "lane_active" in s:
             out["lane_active"] = out.get("lane_active", 0) + s["lane_active"]
+        if "captures" in s:
+            mine = out.setdefault("captures", {})
+            out["captures"] = {k: mine.get(k, 0) + n for k, n in s["captures"].items()}
         out["ready"] = min(out["ready"], s["ready"])
         for k, n in s["requests_by"].items():
             out["requests_by"][k] = out["requests_by"].get(k, 0) + n
@@ -190,6 +194,9 @@ def render(s: Snapshot) -> str:
         version = []
     family("mnist_edge_model_version", "gauge", "Version number of the model being served", version)
     family("mnist_edge_up", "gauge", "1 while the server is SERVING", [("", {}, s["ready"])])
+    if "captures" in s:
+        family("mnist_edge_captures_total", "counter", "Field captures: kept (written), dropped (queue full), error (write failed)",
+               [("", {"result": k}, s["captures"].get(k, 0)) for k in ("kept", "dropped", "error")])
     return "\n".join(out) + "\n"
 
 

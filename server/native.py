@@ -34,7 +34,7 @@ from mnist_edge.server.errors import (
     log,
     status_of,
 )
-from mnist_edge.server.rpc import InferenceRpc, method_handler
+from mnist_edge.server.rpc import InferenceRpc, metadata_value, method_handler
 
 PIXELS = 784
 STREAM_API = "native_stream"  # ClassifyStream's label in the statistics
@@ -139,6 +139,15 @@ class ClassifyRpc(InferenceRpc[DecodedClassify]):
     def encode(self, decoded: DecodedClassify, result: Result | None) -> bytes:
         return self.response(decoded, result).SerializeToString()
 
+    def capture_source(self, decoded: DecodedClassify):
+        images, good = decoded.request.images, decoded.good
+
+        def original(j: int) -> bytes | None:
+            image = images[good[j]]
+            return image.encoded if image.WhichOneof("data") == "encoded" else None
+
+        return decoded.request.request_id, original
+
 
 class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
     def __init__(self, core: Core, offload: Callable[..., object] | None = None) -> None:
@@ -193,6 +202,8 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
                               request_id=request.request_id or None, images=0 if decoded.pixels is None else len(decoded.pixels),
                               queue_s=result.queue_s if result else 0.0, compute_s=result.compute_s if result else 0.0,
                               peer=context.peer(), metadata=context.invocation_metadata(), context=context)
+            if rpc.capture is not None and result is not None:
+                rpc.offer_capture(STREAM_API, decoded, result, lambda name: metadata_value(context.invocation_metadata(), name))
             yield response
 
     @grpc_errors(pb.ModelInfo)

@@ -472,7 +472,7 @@ class RestApi:
         return self._serve(self.classify_rpc, ClassifyMessage(request, raw=media in RAW_IMAGE_TYPES), request)
 
     def _serve(self, rpc, message, request: Request) -> Response:
-        call = HttpCall(message, request.received_ns or time.perf_counter_ns())
+        call = HttpCall(message, request.received_ns or time.perf_counter_ns(), request.headers)
         rpc.serve(call)
         return call.response or json_error(500, f"internal error in {rpc.method}: the request was left unanswered; the server logged it")
 
@@ -483,10 +483,11 @@ class HttpCall:
     they answer a gRPC call. `reply` takes the `Response` a REST RPC's `encode` built; `fail`
     turns a gRPC status into its HTTP status and a JSON error."""
 
-    __slots__ = ("deadline", "is_cancelled", "message", "received_ns", "response")
+    __slots__ = ("deadline", "headers", "is_cancelled", "message", "received_ns", "response")
 
-    def __init__(self, message, received_ns: int) -> None:
+    def __init__(self, message, received_ns: int, headers=None) -> None:
         self.message = message
+        self.headers = headers if headers is not None else {}
         self.received_ns = received_ns
         self.deadline = None  # HTTP requests carry no deadline; the batcher caps each wait
         self.is_cancelled = None
@@ -494,6 +495,9 @@ class HttpCall:
 
     def reply(self, body: Response) -> None:
         self.response = body
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
 
     def fail(self, code, details: str) -> None:
         status = HTTP_STATUS.get(code.name, 500)
@@ -503,9 +507,9 @@ class HttpCall:
     def peer(self) -> str | None:
         return None  # the access log's peer: not known at this layer over HTTP
 
-    def metadata(self) -> tuple:
+    def invocation_metadata(self) -> tuple:
         """The request's headers, for the access log (x-request-id, traceparent)."""
-        return tuple(self.message.request.headers.items())
+        return tuple(self.headers.items())
 
 
 class InferMessage(NamedTuple):
@@ -544,6 +548,9 @@ class RestInferRpc(v2.ModelInferRpc):
 
     def encode(self, decoded: RestDecoded, result) -> Response:
         return infer_response(decoded.parsed, decoded.decoded, result)
+
+    def capture_source(self, decoded: RestDecoded):
+        return super().capture_source(decoded.decoded)
 
 
 class ClassifyMessage(NamedTuple):
@@ -595,6 +602,9 @@ class RestClassifyRpc(ClassifyRpc):
         if request.raw:
             return json_error(400, predictions[0]["error"]) if "error" in predictions[0] else ok_json(predictions[0])
         return ok_json({"predictions": predictions, "model_version": answer.model_version})
+
+    def capture_source(self, decoded: RestClassifyDecoded):
+        return super().capture_source(decoded.decoded)
 
 
 def classify_message(obj) -> tuple[digits_pb2.ClassifyRequest, dict[int, str]]:

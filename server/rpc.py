@@ -46,11 +46,22 @@ class Responder(Protocol):
     def fail(self, code: grpc.StatusCode, details: str) -> None:
         """End the call with `code` and no message (a trailers-only response)."""
 
+    def header(self, name: str) -> str | None:
+        """The value of request metadata (gRPC) or header (HTTP) `name`, lower case; None when absent."""
+
     def peer(self) -> str | None:
         """The client's address as gRPC reports it (for the access log; asked before answering)."""
 
-    def metadata(self) -> tuple:
-        """The call's invocation metadata, (key, value) pairs (for the access log)."""
+    def invocation_metadata(self) -> tuple:
+        """The call's invocation metadata (or HTTP headers), (key, value) pairs (for the access log)."""
+
+
+def metadata_value(metadata, name: str) -> str | None:
+    """The value of `name` in gRPC invocation metadata ((key, value) pairs), or None."""
+    for key, value in metadata or ():
+        if key == name:
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
 
 
 class ContextResponder:
@@ -78,10 +89,13 @@ class ContextResponder:
     def fail(self, code: grpc.StatusCode, details: str) -> None:
         self._failure = (code, details)
 
+    def header(self, name: str) -> str | None:
+        return metadata_value(self._context.invocation_metadata(), name)
+
     def peer(self) -> str | None:
         return self._context.peer()
 
-    def metadata(self) -> tuple:
+    def invocation_metadata(self) -> tuple:
         return self._context.invocation_metadata()
 
     @property
@@ -135,6 +149,8 @@ class InferenceRpc(Generic[D]):
         # Where the lane sends calls that `needs_thread` (a handler pool's submit): the lane
         # thread must not wait on slow decoding.
         self.offload = offload
+        # Field capture (server/capture.py), None when off: the hot path checks only this.
+        self.capture = getattr(core, "capture", None)
 
     # -- what each RPC writes ----------------------------------------------------------------
     def read(self, message: bytes):
@@ -150,6 +166,11 @@ class InferenceRpc(Generic[D]):
     def encode(self, decoded: D, result: Result | None) -> bytes:
         """The serialized response; `result` is None when no image reached the model."""
         raise NotImplementedError
+
+    def capture_source(self, decoded: D) -> tuple[str, Callable[[int], bytes | None] | None]:
+        """For field capture: the request's id, and the encoded bytes the client sent for image
+        j of `decoded.pixels` (None when it sent pixels), or no callable when none were sent."""
+        return "", None
 
     def needs_thread(self, request) -> bool:
         """True when decoding `request` may take long: the lane hands it to `offload`."""
@@ -272,6 +293,13 @@ class InferenceRpc(Generic[D]):
         call.reply(body)
         self.record_success(self.api, call.received_ns, admitted.decoded_ns, encode_start, end, result,
                             stats=self._stats_for(admitted.model))
+        if self.capture is not None and result is not None:
+            self.offer_capture(self.api, admitted.decoded, result, call.header)
+
+    def offer_capture(self, api: str, decoded: D, result: Result, header: Callable[[str], str | None]) -> None:
+        """Hand an answered request to field capture (which keeps what it wants, off this thread)."""
+        request_id, originals = self.capture_source(decoded)
+        self.capture.offer(api, request_id, result, decoded.pixels, originals, header)
 
     # -- the one statistics and error path ---------------------------------------------------
     def record_success(self, api: str, start_ns: int, decoded_ns: int, encode_start_ns: int, end_ns: int, result: Result | None,
@@ -309,7 +337,7 @@ class InferenceRpc(Generic[D]):
             request_id=admitted.request_id if admitted is not None else request_id,
             images=0 if pixels is None else len(pixels),
             queue_s=result.queue_s if result is not None else 0.0, compute_s=result.compute_s if result is not None else 0.0,
-            peer=call.peer(), metadata=call.metadata(), context=getattr(call, "context", None),
+            peer=call.peer(), metadata=call.invocation_metadata(), context=getattr(call, "context", None),
         )
 
 

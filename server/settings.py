@@ -69,6 +69,12 @@ class Settings:
     access_log_sample: float = _opt(1.0, "fraction of calls the access log records (0..1), for busy servers")
     otel: bool = _opt(False, "an OpenTelemetry span per call, exported as the OTEL_* variables say (needs pip install 'mnist-edge[otel]'); docs/deploy.md")
     previous_version_grace_s: float = _opt(30.0, "after a reload, the previous version still answers calls that name it for this many seconds, then is unloaded")
+    capture_dir: str | None = _opt(None, "keep the inputs the model was unsure about in this folder, for labelling (docs/field-loop.md); off by default: captured images are user data")
+    capture_below: float = _opt(0.8, "capture an image when its top probability is below this")
+    capture_sample: float = _opt(0.0, "also capture this fraction (0-1) of confident images, for spot checks")
+    capture_max_mb: float = _opt(100.0, "megabytes the captures may take; the oldest are removed beyond it")
+    capture_max_age_days: float = _opt(0.0, "remove captures older than this many days (0: kept until --capture-max-mb needs the room)")
+    capture_private: bool = _opt(False, "capture files mode 0600 and folders 0700 (default 0640 and 0750: readable by the server's group)")
     log_format: str = _opt("json", "log line format: json or text", choices=("json", "text"))
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 
@@ -88,6 +94,14 @@ class Settings:
         for name in ("max_queue_delay_us", "grace_s", "drain_delay_s", "watch_s", "max_connection_age_s", "previous_version_grace_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.capture_below <= 1:
+            raise ValueError(f"--capture-below must be in (0, 1], got {self.capture_below}")
+        if not 0 <= self.capture_sample <= 1:
+            raise ValueError(f"--capture-sample must be in [0, 1], got {self.capture_sample}")
+        if self.capture_max_mb <= 0:
+            raise ValueError(f"--capture-max-mb must be positive, got {self.capture_max_mb}")
+        if self.capture_max_age_days < 0:
+            raise ValueError(f"--capture-max-age-days must not be negative, got {self.capture_max_age_days}")
         try:
             if not 0 <= int(self.socket_mode, 8) <= 0o777:
                 raise ValueError

@@ -40,6 +40,7 @@ class DecodedRequest:
     pixels: np.ndarray  # uint8 [N, 28, 28]
     outputs: tuple[str, ...]
     request_id: str
+    source: pb.ModelInferRequest | None = None  # the request as sent, when its images came encoded (input `image`)
 
 
 # Request parameters that cannot change the answer of a non-decoupled model, accepted and
@@ -111,7 +112,9 @@ def decode_infer(request: pb.ModelInferRequest, max_images: int, limits: ImageLi
     if limits is not None:
         converted = images.pixels_request(request, max_images, limits)
         if converted is not None:
-            return decode_infer(converted, max_images)
+            decoded = decode_infer(converted, max_images)
+            decoded.source = request
+            return decoded
     return _decode_general(request, max_images)
 
 
@@ -327,6 +330,19 @@ class ModelInferRpc(InferenceRpc[DecodedRequest]):
 
     def encode(self, decoded: DecodedRequest, result: Result | None) -> bytes:
         return response_bytes(decoded, result)
+
+    def capture_source(self, decoded: DecodedRequest):
+        source = decoded.source
+        if source is None:
+            return decoded.request_id, None
+        elements: list[bytes] = []
+
+        def original(j: int) -> bytes:
+            if not elements:  # split the request's BYTES tensor only when an image is kept
+                elements.extend(images.image_elements(source, len(decoded.pixels)))
+            return elements[j]
+
+        return decoded.request_id, original
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -127,6 +127,17 @@ def test_one_import_package_and_the_public_client_api(installed):
     assert proc.returncode == 0 and "serve" in proc.stdout, proc.stderr
 
 
+def test_the_field_loop_tools_work_without_extras(installed, tmp_path):
+    """Labelling and purging captures happen on the device: the server-only install has them."""
+    bin_ = installed / "bin"
+    proc = run([bin_ / "mnist-edge", "label", "--help"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and "labels.csv" in proc.stdout, proc.stderr
+    proc = run([bin_ / "mnist-edge", "label", str(tmp_path)], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and "nothing to label" in proc.stdout, proc.stderr
+    proc = run([bin_ / "mnist-edge", "captures", "purge", str(tmp_path)], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and "deleted 0 captures" in proc.stdout, proc.stderr
+
+
 def test_the_code_and_the_model_come_from_site_packages(installed, where):
     venv = installed.resolve()
     for f in where["modules"]:

@@ -58,6 +58,12 @@ SAMPLES: dict[str, tuple[str, object, str, object]] = {
     "access_log_sample": ("0.25", 0.25, "0.5", 0.5),
     "previous_version_grace_s": ("5", 5.0, "0", 0.0),
     "otel": ("1", True, "--no-otel", False),
+    "capture_dir": ("/var/lib/env-captures", "/var/lib/env-captures", "/srv/captures", "/srv/captures"),
+    "capture_below": ("0.7", 0.7, "0.9", 0.9),
+    "capture_sample": ("0.01", 0.01, "0.05", 0.05),
+    "capture_max_mb": ("50", 50.0, "1", 1.0),
+    "capture_max_age_days": ("30", 30.0, "7", 7.0),
+    "capture_private": ("1", True, "--no-capture-private", False),
     "log_format": ("text", "text", "json", "json"),
     "log_level": ("debug", "debug", "error", "error"),
 }
