@@ -83,7 +83,14 @@ def build(
     created_by: dict[str, str],
     golden: list[dict[str, Any]],
     training: dict[str, Any] | None = None,
+    budgets: dict[str, float] | None = None,
+    normaliser: dict[str, int] | None = None,
+    proxy: dict[str, Any] | None = None,
+    per_digit: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
+    """The manifest. `budgets`: the gate it passed (export --check re-applies them); `normaliser`:
+    the imaging normaliser version the model expects for pictures (a server refuses any other);
+    `proxy`: how the proxy splits were built and the int8 model's per-digit figures on them."""
     if default not in models:
         raise ValueError(f"default model {default!r} is not among {sorted(models)}")
     manifest: dict[str, Any] = {
@@ -104,6 +111,9 @@ def build(
     }
     if training:
         manifest["training"] = training
+    for key, value in (("budgets", budgets), ("normaliser", normaliser), ("proxy", proxy), ("per_digit", per_digit)):
+        if value is not None:
+            manifest[key] = value
     return manifest
 
 

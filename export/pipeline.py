@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mnist_edge.export import manifest as mf
+from mnist_edge.export import proxies
 from mnist_edge.export import report as rpt
 from mnist_edge.export.verify import (
     Budgets,
@@ -60,6 +61,8 @@ class ExportConfig:
     golden_per_digit: int = 2
     measure_latency: bool = True
     sign_key: Path | None = None
+    proxy: proxies.ProxySpec = field(default_factory=proxies.ProxySpec)
+    workers: int = 2  # processes rendering the proxy splits
 
 
 @dataclass
@@ -145,11 +148,12 @@ def run(cfg: ExportConfig, log: Callable[[str], None] = print, quantizer: Callab
         "out": str(cfg.out),
         "report_dir": str(cfg.report_dir),
         "version": str(cfg.version),
-        "budgets": cfg.budgets.__dict__,
+        "budgets": cfg.budgets.to_dict(),
         "attempts": [],
     }
     outcome = ExportOutcome(passed=False, report=report, exit_code=1)
     test_images = test_labels = None
+    proxy_sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
         report["versions"] = _versions()
         mlp, ckpt = load_checkpoint(cfg.checkpoint)
@@ -160,6 +164,17 @@ def run(cfg: ExportConfig, log: Callable[[str], None] = print, quantizer: Callab
         calibration = q.calibration_sample(ds.train.images, cfg.calibration_size, cfg.calibration_seed)
         report["calibration"] = {"source": "MNIST training images", "size": int(len(calibration)), "seed": cfg.calibration_seed}
         report["model_config"] = ckpt["model_config"]
+        from mnist_edge.imaging.normalize import NORMALISER_VERSION
+
+        # Checkpoints from before the normaliser had versions were trained for version 1.
+        normaliser = int(ckpt.get("normaliser_version", 1))
+        if normaliser != NORMALISER_VERSION:
+            raise ValueError(
+                f"the checkpoint was trained for imaging normaliser version {normaliser}, but this mnist-edge "
+                f"normalises pictures with version {NORMALISER_VERSION} and its server refuses models made for "
+                "another; retrain with `mnist-edge train`"
+            )
+        report["normaliser_version"] = normaliser
 
         torch_p = torch_predict(mlp, test_images)
         with tempfile.TemporaryDirectory(prefix="mnist-edge-export-") as tmp:
@@ -268,6 +283,19 @@ def run(cfg: ExportConfig, log: Callable[[str], None] = print, quantizer: Callab
             if not np.array_equal(ort_predict(int8_bytes, test_images[:2000]).digits, int8_p.digits[:2000]):
                 raise RuntimeError("int8 model changed its predictions after metadata was stamped")
 
+        # Digits that are not MNIST, as the server would normalise them: per digit, gated on the held-out splits.
+        proxy_sets, unavailable = proxies.build_sets(cfg.proxy, normaliser, workers=cfg.workers, log=log)
+        figures = proxies.measure(int8_bytes, proxy_sets)
+        proxy_gate = GateResult(proxies.digit_checks(figures, cfg.budgets))
+        report["proxy"] = {"spec": cfg.proxy.to_dict(), "int8": figures, "unavailable": unavailable, "gate": proxy_gate.to_dict()}
+        report["proxy_wrong"] = {}
+        for name, (x, y) in proxy_sets.items():
+            got = ort_predict(int8_bytes, x).digits
+            report["proxy_wrong"][name] = [{"index": int(i), "label": int(y[i]), "after": int(got[i])} for i in np.flatnonzero(got != y)]
+        if not proxy_gate.passed:
+            report["error"] = "the int8 model misses a held-out proxy budget; models/ left untouched"
+            return outcome
+
         margins = np.minimum(int8_p.margins(), fp32_p.margins())
         agree = (int8_p.digits == test_labels) & (fp32_p.digits == test_labels) & (torch_p.digits == test_labels)
         golden = mf.golden_set(test_images, test_labels, margins, agree, cfg.golden_per_digit)
@@ -311,6 +339,10 @@ def run(cfg: ExportConfig, log: Callable[[str], None] = print, quantizer: Callab
                 "epochs": ckpt["train_config"].get("epochs"),
                 "torch_test_accuracy": round(torch_p.accuracy(test_labels), 6),
             },
+            budgets=cfg.budgets.to_dict(),
+            normaliser={"version": normaliser},
+            proxy={"spec": cfg.proxy.to_dict(), "int8": figures, "unavailable": sorted(unavailable)},
+            per_digit={"mnist_int8": [round(a, 6) for a in int8_p.per_class_accuracy(test_labels)]},
         )
         report["files"] = {k: {"file": v["file"], "bytes": v["bytes"], "sha256": v["sha256"]} for k, v in models.items()}
         if cfg.measure_latency:
@@ -342,7 +374,7 @@ def run(cfg: ExportConfig, log: Callable[[str], None] = print, quantizer: Callab
         return outcome
     finally:
         try:
-            rpt.write(report, cfg.report_dir, test_images, test_labels)
+            rpt.write(report, cfg.report_dir, test_images, test_labels, proxy_sets)
         except Exception as exc:  # a broken report must not hide the real result
             log(f"could not write the report to {cfg.report_dir}: {exc}")
         log(rpt.console_summary(report))

@@ -73,6 +73,44 @@ def image_grid(images: np.ndarray, captions: list[str], title: str, columns: int
     return img
 
 
+def per_digit_image(rows: list[tuple[str, list[float]]], title: str, budget: float | None = None) -> Image.Image:
+    """Per-digit accuracy as a table of coloured cells: one row per set, one column per digit.
+
+    Green at 100%, through yellow, to red at (or below) 80%; cells under `budget` are outlined.
+    """
+    cell_w, cell_h, label_w, top = 58, 30, 170, 48
+    img = Image.new("RGB", (label_w + 10 * cell_w + 10, top + cell_h * max(len(rows), 1) + 10), "white")
+    draw = ImageDraw.Draw(img)
+    font, small = _font(13), _font(11)
+    draw.text((8, 8), title, fill="black", font=font)
+    for d in range(10):
+        draw.text((label_w + d * cell_w + cell_w // 2 - 3, top - 18), str(d), fill="black", font=font)
+    for r, (name, accs) in enumerate(rows):
+        y0 = top + r * cell_h
+        draw.text((8, y0 + cell_h // 2 - 6), name, fill="black", font=small)
+        for d, a in enumerate(accs):
+            x0 = label_w + d * cell_w
+            t = min(max((a - 0.8) / 0.2, 0.0), 1.0) if a == a else 0.0  # a == a: not NaN
+            color = (int(255 * min(1.0, 2 * (1 - t))), int(255 * min(1.0, 2 * t)), 80)
+            draw.rectangle([x0, y0, x0 + cell_w - 2, y0 + cell_h - 2], fill=color)
+            if budget is not None and a < budget:
+                draw.rectangle([x0, y0, x0 + cell_w - 2, y0 + cell_h - 2], outline="black", width=3)
+            text = "n/a" if a != a else f"{100 * a:.1f}"
+            draw.text((x0 + 10, y0 + cell_h // 2 - 6), text, fill="black", font=small)
+    return img
+
+
+def per_digit_rows(report: dict[str, Any]) -> list[tuple[str, list[float]]]:
+    """(set, per-digit accuracy) for MNIST and every measured proxy split, int8."""
+    rows: list[tuple[str, list[float]]] = []
+    final = report.get("final") or {}
+    if final.get("per_class_accuracy"):
+        rows.append(("mnist (test, raw)", list(final["per_class_accuracy"])))
+    for name, f in ((report.get("proxy") or {}).get("int8") or {}).items():
+        rows.append((name, list(f["per_digit"])))
+    return rows
+
+
 def _save_png(img: Image.Image, path: Path) -> None:
     import io
 
@@ -81,7 +119,13 @@ def _save_png(img: Image.Image, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def write(report: dict[str, Any], report_dir: Path, images: np.ndarray | None = None, labels: np.ndarray | None = None) -> dict[str, str]:
+def write(
+    report: dict[str, Any],
+    report_dir: Path,
+    images: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    proxy_sets: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> dict[str, str]:
     """Write report.json, report.md and the pictures; return the paths written."""
     report_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
@@ -102,6 +146,19 @@ def write(report: dict[str, Any], report_dir: Path, images: np.ndarray | None = 
         more = f" (first 200 of {len(wrong)})" if len(wrong) > 200 else ""
         _save_png(image_grid(images[idx] if idx else np.zeros((0, 28, 28)), caps, f"test images int8 gets wrong{more}"), report_dir / "int8_wrong.png")
         pictures["int8_wrong"] = "int8_wrong.png"
+    rows = per_digit_rows(report)
+    if rows:
+        budget = (report.get("budgets") or {}).get("min_digit_accuracy")
+        _save_png(per_digit_image(rows, "int8 accuracy per digit (%); outlined: under the worst-digit budget", budget), report_dir / "per_digit.png")
+        pictures["per_digit"] = "per_digit.png"
+    for name, (x, _) in (proxy_sets or {}).items():
+        wrong = (report.get("proxy_wrong") or {}).get(name) or []
+        idx = [w["index"] for w in wrong][:100]
+        caps = [f"#{w['index']} y={w['label']} got {w['after']}" for w in wrong][:100]
+        more = f" (first 100 of {len(wrong)})" if len(wrong) > 100 else ""
+        key = f"wrong_{name}".replace("-", "_")
+        _save_png(image_grid(x[idx] if idx else np.zeros((0, 28, 28)), caps, f"{name}: digits int8 gets wrong, as the model saw them{more}"), report_dir / f"{key}.png")
+        pictures[key] = f"{key}.png"
     atomic_write(report_dir / "report.json", (json.dumps(report, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
     atomic_write(report_dir / "report.md", markdown(report).encode())
     written.update({"json": str(report_dir / "report.json"), "markdown": str(report_dir / "report.md")})
@@ -165,13 +222,31 @@ def markdown(r: dict[str, Any]) -> str:
                     out.append(f"| {e['layer']} | {e['output_sqnr_db']:.1f} | {e['added_error_db']:.1f} | {w} |")
             out.append("")
     final = r.get("final")
+    proxy = r.get("proxy") or {}
+    rows = per_digit_rows(r)
+    if rows:
+        out.append("## Per-digit accuracy (int8)\n")
+        overall = {name: f["accuracy"] for name, f in (proxy.get("int8") or {}).items()}
+        if (r.get("accuracy") or {}).get("int8") is not None:
+            overall["mnist (test, raw)"] = r["accuracy"]["int8"]
+        out.append("| set | overall | " + " | ".join(str(d) for d in range(10)) + " |")
+        out.append("|---" * 12 + "|")
+        for name, accs in rows:
+            out.append(f"| {name} | {_pct(overall.get(name))} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |")
+        out.append("")
+        if proxy.get("spec"):
+            spec = proxy["spec"]
+            out.append(f"Proxy splits (normalised by imaging normaliser version {r.get('normaliser_version')}): "
+                       f"{spec['handwriting_per_digit']} synthetic handwritten and {spec['fonts_per_digit']} font-rendered "
+                       f"digits per class and split, seed {spec['seed']}.")
+        for name, why in (proxy.get("unavailable") or {}).items():
+            out.append(f"- {name}: not measured: {why}")
+        for c in (proxy.get("gate") or {}).get("checks", []):
+            out.append(f"- {_check_line(c)}")
+        out.append("")
     if final and final.get("per_class_accuracy"):
         if final.get("failed"):
             out.append(f"## The best failed attempt in detail: {final['name']}\n")
-        out.append("## Per-class accuracy (int8)\n")
-        out.append("| digit | " + " | ".join(str(d) for d in range(10)) + " |")
-        out.append("|---" * 11 + "|")
-        out.append("| accuracy | " + " | ".join(f"{100 * a:.1f}" for a in final["per_class_accuracy"]) + " |\n")
         changed = final.get("changed_vs_torch", [])
         out.append(f"## Predictions changed between PyTorch and int8: {len(changed)}\n")
         if changed:
@@ -221,6 +296,11 @@ def console_summary(r: dict[str, Any]) -> str:
         lines.append(f"  attempt {i} [{a['name']}]: {'pass' if a['passed'] else 'FAIL'}")
         for c in a["gate"]["checks"]:
             lines.append("    " + _check_line(c).replace("**", ""))
+    proxy = r.get("proxy") or {}
+    for name, f in (proxy.get("int8") or {}).items():
+        lines.append(f"  {name}: {_pct(f['accuracy'])}, worst digit {f['worst_digit']} {_pct(f['worst'])}")
+    for c in (proxy.get("gate") or {}).get("checks", []):
+        lines.append("  " + _check_line(c).replace("**", ""))
     files = r.get("files", {})
     if files:
         lines.append("  files: " + ", ".join(f"{k} {v['file']} ({v['bytes']:,} B)" for k, v in files.items()))

@@ -119,6 +119,21 @@ def _read_signed(mpath: Path, trusted_keys: list) -> tuple[dict[str, Any], bytes
     raise ModelLoadError(f"{mpath}: signature check failed")  # not reached
 
 
+def _check_normaliser(mpath: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a model made for a picture normaliser this server does not run: its encoded-image
+    answers would be computed on inputs it was never trained or gated on. Manifests from before
+    the version was recorded were made for version 1."""
+    from mnist_edge.imaging.normalize import NORMALISER_VERSION
+
+    wanted = (manifest.get("normaliser") or {}).get("version", 1)
+    if wanted != NORMALISER_VERSION:
+        raise ModelLoadError(
+            f"{mpath}: the model was made for image normaliser version {wanted!r}, but this server normalises "
+            f"encoded images with version {NORMALISER_VERSION}; export the model again with this mnist-edge "
+            "(or serve it with the mnist-edge release it was made with)"
+        )
+
+
 def load(
     path: str | os.PathLike | None = None,
     precision: str | None = None,
@@ -137,6 +152,7 @@ def load(
         manifest, _ = _read_signed(mpath, trusted_keys)
     else:
         manifest, _ = read_manifest(mpath)
+    _check_normaliser(mpath, manifest)
     if min_version is not None and int(manifest["version"]) < min_version:
         raise ModelLoadError(f"{mpath}: version {manifest['version']} is lower than the version being served ({min_version}); refusing to go back")
     kind = precision or manifest["default"]

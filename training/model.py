@@ -20,7 +20,7 @@ MNIST_STD = 0.3081
 
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = (512, 256, 128)
+    hidden: tuple[int, ...] = (640, 320, 160)
     dropout: float = 0.0
     mean: float = MNIST_MEAN
     std: float = MNIST_STD

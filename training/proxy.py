@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from mnist_edge.imaging.idx import encode_idx
-from mnist_edge.imaging.normalize import ImageError, normalize
+from mnist_edge.imaging.normalize import NORMALISER_VERSION, ImageError, normalize
 
 FONT_ROOT = Path("/usr/share/fonts")
 FONTS_TXT = ".ci/fonts.txt"
@@ -475,7 +475,7 @@ def _font_order(n_fonts: int, n: int, seed: int, digit: int) -> np.ndarray:
     return np.concatenate([rng.permutation(n_fonts) for _ in range(passes)])[:n]
 
 
-def _render_jobs(jobs: Sequence[tuple[int, int, str]], seed: int, raw: bool) -> list[np.ndarray]:
+def _render_jobs(jobs: Sequence[tuple[int, int, str]], seed: int, raw: bool, version: int = NORMALISER_VERSION) -> list[np.ndarray]:
     """Render (index, digit, font file) jobs; each image's generator is seeded by (seed, digit, index)."""
     out: list[np.ndarray] = []
     for i, d, path in jobs:
@@ -484,7 +484,7 @@ def _render_jobs(jobs: Sequence[tuple[int, int, str]], seed: int, raw: bool) -> 
             out.append(gray)
             continue
         try:
-            out.append(normalize(gray))
+            out.append(normalize(gray, version))
         except ImageError as exc:  # a bug in the renderer, never expected
             raise RuntimeError(
                 f"proxy image {i} of digit {d} from {font_name(path)} (seed {seed}) did not normalise: {exc}"
@@ -508,6 +508,7 @@ def build_proxy_set(
     *,
     raw: bool = False,
     workers: int | None = None,
+    version: int = NORMALISER_VERSION,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Render and normalise n_per_digit images of each digit.
 
@@ -521,6 +522,7 @@ def build_proxy_set(
     or "holdout" (for reporting; its font families never appear in "tune"). `fonts`
     replaces the built-in list (then `subset` must stay "all"). With raw=True the images are
     the un-normalised renders (a list of float32 arrays of varying size) instead.
+    `version` is the imaging normaliser version applied (the current one unless measuring another).
     `workers` processes render in parallel (default: one per 1000 images, at most the CPUs
     available and 8); the result does not depend on it: the same arguments give the same bytes.
     """
@@ -547,7 +549,7 @@ def build_proxy_set(
     else:
         n_workers = min(max(1, int(workers)), len(jobs))
     if n_workers == 1:
-        images = _render_jobs(jobs, seed, raw)
+        images = _render_jobs(jobs, seed, raw, version)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -559,7 +561,11 @@ def build_proxy_set(
         # spawn, not fork: the caller may hold threads (torch, gRPC) that fork would copy broken.
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
-            images = [img for part in pool.map(_render_jobs, chunks, [seed] * len(chunks), [raw] * len(chunks)) for img in part]
+            images = [
+                img
+                for part in pool.map(_render_jobs, chunks, [seed] * len(chunks), [raw] * len(chunks), [version] * len(chunks))
+                for img in part
+            ]
     if raw:
         return images, labels, names  # type: ignore[return-value]
     return np.stack(images), labels, names

@@ -1,6 +1,8 @@
 """Train the MLP on MNIST and write a checkpoint: `mnist-edge train`.
 
-`train(cfg) -> TrainResult` is the whole stage; `main()` is a thin argparse shell
+The training set is MNIST's raw images plus picture-path data (training.pictures: synthetic
+handwriting and MNIST re-sent as pictures, normalised by the imaging normaliser version the
+checkpoint records). `train(cfg) -> TrainResult` is the whole stage; `main()` is a thin argparse shell
 around it. Training is deterministic for a given seed on a given machine: the model
 init and dropout use torch's global generator seeded from `seed`, shuffling and
 augmentation use their own generator, and torch runs in deterministic mode with a
@@ -24,10 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mnist_edge.imaging.normalize import NORMALISER_VERSION, SUPPORTED_VERSIONS
 from mnist_edge.training import data as mnist_data
 from mnist_edge.training.model import MLP, ModelConfig
 
 FORMAT_VERSION = 1
+HANDWRITING_EVAL_PER_DIGIT = 200  # synthetic handwriting per digit in the tune and held-out figures
 DEFAULT_OUT = "runs/mnist.pt"
 
 
@@ -48,8 +52,14 @@ class TrainConfig:
     elastic_alpha: float = 2.5  # elastic distortion strength in pixels (0 = off)
     elastic_sigma: float = 4.0  # smoothness of the elastic displacement field, pixels
     ema: float = 0.999  # decay of an exponential moving average of the weights (0 = off)
+    # Picture-path data added to MNIST's raw images (training.pictures), normalised by `normaliser`:
+    handwriting: int = 1500  # synthetic handwritten digits per digit class (0 = none)
+    mnist_pictures: int = 10000  # MNIST training images re-encoded as pictures and normalised back (0 = none)
+    normaliser: int = NORMALISER_VERSION  # imaging.normalize version the model is made for
+    data_workers: int = 2  # processes drawing and normalising the picture data
+    picture_cache: bool = True  # keep the picture data in the cache (pictures/ next to MNIST's)
     limit: int | None = None  # train on the first N images only (smoke runs)
-    threads: int = 2
+    threads: int = 1  # torch CPU threads; see docs/model-card.md for why one
     data_dir: str | None = None
     offline: bool = False
     out: str = DEFAULT_OUT
@@ -175,20 +185,38 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     mnist_data.atomic_write(path, buf.getvalue())
 
 
-def _proxy_accuracy(model: MLP, log) -> dict[str, Any]:
-    try:
-        from mnist_edge.training import proxy
-    except ImportError as exc:
-        return {"available": False, "reason": f"training.proxy not importable: {exc}"}
+def _proxy_accuracy(model: MLP, version: int, log) -> dict[str, Any]:
+    """Accuracy on the font proxy splits and the synthetic handwriting splits (tune and held-out)."""
+    from mnist_edge.training import handwriting, proxy
+
     results: dict[str, Any] = {"available": True}
+    for split in ("tune", "holdout"):
+        images, labels, _ = handwriting.build(HANDWRITING_EVAL_PER_DIGIT, split, 0, workers=2, version=version)
+        results[f"handwriting_{split}"] = evaluate(model, images, labels)["accuracy"]
     try:
         for subset in ("tune", "holdout"):
-            images, labels, _ = proxy.build_proxy_set(subset=subset)
+            images, labels, _ = proxy.build_proxy_set(subset=subset, version=version)
             results[subset] = evaluate(model, images, labels)["accuracy"]
     except proxy.ProxyUnavailable as exc:
-        log(f"proxy set unavailable: {exc}")
-        return {"available": False, "reason": str(exc)}
+        log(f"font proxy set unavailable: {exc}")
+        results.update(available=False, reason=str(exc))
     return results
+
+
+def _picture_data(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, sha256: dict[str, str], log):
+    """The picture-path training data for this config; a smoke run (--limit) gets a proportional share."""
+    from mnist_edge.training.pictures import picture_training_set
+
+    hw, mp = cfg.handwriting, cfg.mnist_pictures
+    if cfg.limit is not None:
+        hw, mp = min(hw, max(1, cfg.limit // 40)), min(mp, cfg.limit // 6)
+    if hw <= 0 and mp <= 0:
+        return np.zeros((0, 28, 28), np.uint8), np.zeros((0,), np.uint8), {"handwriting": 0, "mnist_pictures": 0}
+    cache = mnist_data.cache_dir().parent / "pictures" if cfg.picture_cache else None
+    return picture_training_set(
+        images, labels, handwriting_per_digit=hw, mnist_pictures=mp, seed=cfg.seed, version=cfg.normaliser,
+        data_sha256=sha256, workers=cfg.data_workers, cache=cache, log=log,
+    )
 
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, dataset: mnist_data.Mnist | None = None, log=print) -> TrainResult:
@@ -204,9 +232,15 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, dataset: mnist
     train_y = torch.from_numpy(ds.train.labels.astype(np.int64))
     if cfg.limit is not None:
         train_x, train_y = train_x[: cfg.limit], train_y[: cfg.limit]
-    n = len(train_x)
-    if n == 0:
+    if len(train_x) == 0:
         raise ValueError("no training images (check --limit)")
+    prep_started = time.perf_counter()
+    extra_x, extra_y, extra_counts = _picture_data(cfg, train_x.numpy(), train_y.numpy(), ds.sha256, log)
+    prep_seconds = time.perf_counter() - prep_started
+    if len(extra_y):
+        train_x = torch.cat([train_x, torch.from_numpy(extra_x)])
+        train_y = torch.cat([train_y, torch.from_numpy(extra_y.astype(np.int64))])
+    n = len(train_x)
 
     model = MLP(model_cfg)
     averaged = _Ema(model, cfg.ema) if cfg.ema > 0 else None
@@ -265,18 +299,21 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, dataset: mnist
         "test_accuracy": history[-1]["test_accuracy"],
         "test_loss": history[-1]["test_loss"],
         "train_seconds": train_seconds,
+        "picture_data_seconds": prep_seconds,
         "train_images": n,
+        "picture_images": extra_counts,
         "history": history,
     }
     model = averaged.module if averaged is not None else model
     if cfg.eval_proxy:
-        metrics["proxy"] = _proxy_accuracy(model, log)
+        metrics["proxy"] = _proxy_accuracy(model, cfg.normaliser, log)
 
     model.eval()
     checkpoint: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "model_config": model_cfg.to_dict(),
         "train_config": asdict(cfg),
+        "normaliser_version": cfg.normaliser,
         "state_dict": model.state_dict(),
         "metrics": metrics,
         "data_sha256": dict(ds.sha256),
@@ -285,8 +322,11 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, dataset: mnist
     out = Path(cfg.out)
     _atomic_save(checkpoint, out)
     log(f"test accuracy {metrics['test_accuracy']:.4f} after {cfg.epochs} epochs in {train_seconds:.0f}s; checkpoint {out}")
-    if cfg.eval_proxy and metrics["proxy"].get("available"):
-        log(f"proxy set accuracy: tune {metrics['proxy']['tune']:.4f}, holdout {metrics['proxy']['holdout']:.4f}")
+    if cfg.eval_proxy:
+        px = metrics["proxy"]
+        log(f"synthetic handwriting accuracy: tune {px['handwriting_tune']:.4f}, holdout {px['handwriting_holdout']:.4f}")
+        if px.get("available"):
+            log(f"font proxy set accuracy: tune {px['tune']:.4f}, holdout {px['holdout']:.4f}")
     return TrainResult(checkpoint=checkpoint, path=out, metrics=metrics)
 
 
@@ -337,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--elastic-alpha", type=float, default=d.elastic_alpha, help="augmentation: elastic distortion, max shift in pixels (0 = off)")
     p.add_argument("--elastic-sigma", type=float, default=d.elastic_sigma, help="augmentation: elastic field smoothness, pixels")
     p.add_argument("--ema", type=float, default=d.ema, help="decay of the weights' moving average that is evaluated and saved (0 = off)")
+    p.add_argument("--handwriting", type=int, default=d.handwriting, help="synthetic handwritten digits per class added to the training set (0 = none)")
+    p.add_argument("--mnist-pictures", type=int, default=d.mnist_pictures, help="MNIST training images added again as re-encoded, normalised pictures (0 = none)")
+    p.add_argument("--normaliser", type=int, choices=SUPPORTED_VERSIONS, default=d.normaliser, help="imaging normaliser version the picture data (and the model) is made for")
+    p.add_argument("--data-workers", type=int, default=d.data_workers, help="processes drawing and normalising the picture data")
+    p.add_argument("--picture-cache", action=argparse.BooleanOptionalAction, default=d.picture_cache, help="cache the picture data next to the MNIST cache")
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images only (smoke runs)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (fixed, for determinism)")
     p.add_argument("--data-dir", default=None, help="directory holding the four MNIST IDX files (else MNIST_EDGE_DATA_DIR, the cache, then download)")
@@ -370,6 +415,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig
         elastic_alpha=args.elastic_alpha,
         elastic_sigma=args.elastic_sigma,
         ema=args.ema,
+        handwriting=args.handwriting,
+        mnist_pictures=args.mnist_pictures,
+        normaliser=args.normaliser,
+        data_workers=args.data_workers,
+        picture_cache=args.picture_cache,
         limit=limit,
         threads=args.threads,
         data_dir=args.data_dir,

@@ -21,7 +21,10 @@ from mnist_edge.export.verify import Budgets
 
 # Budgets for smoke models: far from the shipped model's 99.2%, so each test states
 # its own, as a CI job exporting a smoke model would.
-SMOKE = ["--min-accuracy", "0.80", "--max-drop", "0.01", "--min-agreement", "0.98"]
+SMOKE = ["--min-accuracy", "0.80", "--max-drop", "0.01", "--min-agreement", "0.98", "--min-digit-accuracy", "0"]
+# Small proxy splits: the smoke tests check the plumbing, not the model (the real figures are
+# the shipped model's, re-verified by test_shipped.py).
+PROXY = ["--proxy-per-digit", "6", "--fonts-per-digit", "3", "--workers", "1"]
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -36,7 +39,7 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 
 def export(ckpt: Path, out: Path, report: Path, *extra: str) -> int:
-    return export_main(["--checkpoint", str(ckpt), "--out", str(out), "--report-dir", str(report), "--version", "3", "--offline", "--no-latency", *SMOKE, *extra])
+    return export_main(["--checkpoint", str(ckpt), "--out", str(out), "--report-dir", str(report), "--version", "3", "--offline", "--no-latency", *SMOKE, *PROXY, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +161,91 @@ def test_report_files_and_pictures(exported):
         with Image.open(report_dir / pic) as im:
             assert im.size[0] > 100 and im.size[1] > 50
     md = (report_dir / "report.md").read_text()
-    assert "PASSED" in md and "Per-class accuracy" in md and "int8 file is" in md
+    assert "PASSED" in md and "Per-digit accuracy (int8)" in md and "int8 file is" in md
     assert len(report["final"]["per_class_accuracy"]) == 10
     assert sum(map(sum, report["final"]["confusion"])) == 10000
+    # Per digit on MNIST and on every proxy split: a table row and a picture each.
+    splits = ["handwriting-tune", "handwriting-holdout"] + (["fonts-tune", "fonts-holdout"] if _fonts() else [])
+    assert sorted(report["proxy"]["int8"]) == sorted(splits)
+    for name in ["mnist (test, raw)", *splits]:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+        assert len(row.split("|")) == 14, row  # set, overall, ten digits
+    assert "handwriting-holdout: worst digit" in md
+    from PIL import Image
+
+    with Image.open(report_dir / "per_digit.png") as im:
+        assert im.size[0] > 500 and im.size[1] > 48 + 30 * len(splits)
+    assert (report_dir / "wrong_handwriting_holdout.png").is_file()
+
+
+def _fonts() -> bool:
+    from mnist_edge.training import proxy
+
+    try:
+        proxy.find_fonts()
+        return True
+    except proxy.ProxyUnavailable:
+        return False
+
+
+def test_manifest_records_budgets_normaliser_and_proxy_figures(exported):
+    from mnist_edge.export import proxies
+    from mnist_edge.export.verify import Budgets
+    from mnist_edge.imaging.normalize import NORMALISER_VERSION
+
+    manifest = json.loads((exported / "models" / "manifest.json").read_text())
+    assert manifest["normaliser"] == {"version": NORMALISER_VERSION}
+    assert manifest["budgets"] == {**Budgets().to_dict(), "min_accuracy": 0.8, "max_drop": 0.01, "min_agreement": 0.98, "min_digit_accuracy": 0.0}
+    assert manifest["proxy"]["spec"] == proxies.ProxySpec(handwriting_per_digit=6, fonts_per_digit=3).to_dict()
+    hw = manifest["proxy"]["int8"]["handwriting-holdout"]
+    assert hw["images"] == 60 and len(hw["per_digit"]) == 10 and hw["worst"] == min(hw["per_digit"])
+    assert len(manifest["per_digit"]["mnist_int8"]) == 10
+
+
+def test_check_uses_the_budgets_recorded_in_the_manifest(exported, tmp_path, capsys, monkeypatch):
+    """A model exported with relaxed budgets passes its own check with no budget flags (the defaults
+    would fail a smoke model); a flag still overrides; the font split is read from the manifest
+    where the fonts are not installed."""
+    from mnist_edge.training import proxy
+
+    models = exported / "models"
+    assert export_main(["--check", str(models), "--offline"]) == 0
+    out = capsys.readouterr().out
+    assert "check PASSED" in out and "budgets recorded in the manifest" in out
+    assert "budget >= 0.8)" in out  # the recorded min_accuracy, not the default 0.99
+    assert "handwriting-holdout: worst digit" in out and "accuracy below the recorded figure" in out
+    assert export_main(["--check", str(models), "--offline", "--min-digit-accuracy", "1.01"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  handwriting-holdout: worst digit" in out and "from the command line: min_digit_accuracy" in out
+
+    def no_fonts(subset="all", root=None):
+        raise proxy.ProxyUnavailable("not installed", ["fonts-x"])
+
+    monkeypatch.setattr(proxy, "find_fonts", no_fonts)
+    if "fonts-holdout" in json.loads((models / "manifest.json").read_text())["proxy"]["int8"]:
+        assert export_main(["--check", str(models), "--offline"]) == 0
+        assert "fonts-holdout: worst digit" in capsys.readouterr().out.split("recorded in the manifest, not re-measured")[0]
+
+
+def test_worst_digit_budget_blocks_publishing(smoke_checkpoint, tmp_path, capsys):
+    out = tmp_path / "models"
+    rc = export(smoke_checkpoint, out, tmp_path / "report", "--min-digit-accuracy", "1.01")
+    assert rc == 1 and not out.exists()
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    failed = [c for c in report["proxy"]["gate"]["checks"] if not c["passed"]]
+    assert failed and failed[0]["name"].startswith("handwriting-holdout: worst digit")
+    assert "held-out proxy budget" in report["error"]
+    assert "FAIL handwriting-holdout: worst digit" in capsys.readouterr().out
+
+
+def test_a_checkpoint_for_another_normaliser_is_refused(smoke_checkpoint, tmp_path, capsys):
+    ckpt = torch.load(smoke_checkpoint, weights_only=True)
+    ckpt["normaliser_version"] = 1
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    assert export(old, tmp_path / "models", tmp_path / "report") == 2
+    assert not (tmp_path / "models").exists()
+    assert "trained for imaging normaliser version 1" in json.loads((tmp_path / "report" / "report.json").read_text())["error"]
 
 
 def _scrambling_quantizer(src, dst, cfg, calibration):
@@ -278,7 +363,7 @@ def test_whole_smoke_pipeline_through_the_cli(tmp_path):
     )
     assert train.returncode == 0, train.stderr
     run = subprocess.run(
-        [sys.executable, "-m", "mnist_edge", "export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "models"), "--report-dir", str(tmp_path / "report"), "--version", "1", "--offline", *SMOKE],
+        [sys.executable, "-m", "mnist_edge", "export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "models"), "--report-dir", str(tmp_path / "report"), "--version", "1", "--offline", *SMOKE, *PROXY],
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout + run.stderr

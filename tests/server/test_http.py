@@ -35,6 +35,9 @@ from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from mnist_edge.server import model_store
 
+# The shipped model's version, as its manifest records it (the tests must not care which it is).
+SHIPPED_VERSION = json.loads(model_store.resolve_manifest(None).read_text())["version"]
+
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -152,14 +155,14 @@ def test_health_and_server_metadata(client):
 
 def test_model_metadata_lists_both_inputs_and_versions_paths(client):
     status, meta, _ = client.json("GET", "/v2/models/mnist")
-    assert status == 200 and meta["name"] == "mnist" and meta["versions"] == ["1"]
+    assert status == 200 and meta["name"] == "mnist" and meta["versions"] == [SHIPPED_VERSION]
     inputs = {t["name"]: t for t in meta["inputs"]}
     assert inputs["pixels"] == {"name": "pixels", "datatype": "UINT8", "shape": [-1, 28, 28]}
     assert inputs["image"] == {"name": "image", "datatype": "BYTES", "shape": [-1, 1]}  # Triton's layout: one file per batch item
     assert {t["name"]: t["datatype"] for t in meta["outputs"]} == {"probabilities": "FP32", "digit": "INT64"}
-    assert client.json("GET", "/v2/models/mnist/versions/1")[1] == meta
+    assert client.json("GET", f"/v2/models/mnist/versions/{SHIPPED_VERSION}")[1] == meta
     assert client.json("GET", "/v2/models/mnist/ready")[0] == 200
-    assert client.json("GET", "/v2/models/mnist/versions/1/ready")[0] == 200
+    assert client.json("GET", f"/v2/models/mnist/versions/{SHIPPED_VERSION}/ready")[0] == 200
     status, config, _ = client.json("GET", "/v2/models/mnist/config")
     assert status == 200 and config["max_batch_size"] == 1024 and config["input"][0]["dims"] == [28, 28]
     assert {i["name"]: i["data_type"] for i in config["input"]} == {"pixels": "TYPE_UINT8", "image": "TYPE_STRING"}
@@ -187,7 +190,7 @@ def test_json_infer_agrees_exactly_with_grpc(app, client, reference):
     g_probs, g_digits = grpc_infer(app.address, images)
     np.testing.assert_array_equal(g_digits, digits)
     status, body, _ = client.json("POST", "/v2/models/mnist/infer", pixels_infer(images, id="req-7"))
-    assert status == 200 and body["id"] == "req-7" and body["model_name"] == "mnist" and body["model_version"] == "1"
+    assert status == 200 and body["id"] == "req-7" and body["model_name"] == "mnist" and body["model_version"] == SHIPPED_VERSION
     out = {o["name"]: o for o in body["outputs"]}
     assert out["probabilities"]["shape"] == [64, 10] and out["probabilities"]["datatype"] == "FP32"
     np.testing.assert_array_equal(np.array(out["probabilities"]["data"], dtype=np.float32).reshape(64, 10), g_probs)

@@ -222,7 +222,8 @@ def test_installed_server_serves_health_and_classify_then_exits_zero_on_sigterm(
         assert classify.returncode == 0, classify.stderr
         first = classify.stdout.splitlines()[0]
         assert first.startswith(f"digit.png: {label} ("), classify.stdout
-        assert "1 images classified by model mnist v1 (int8)" in classify.stdout
+        shipped_version = json.loads((REPO / "models" / "manifest.json").read_text())["version"]
+        assert f"1 images classified by model mnist v{shipped_version} (int8)" in classify.stdout
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -54,6 +54,12 @@ def test_same_seed_same_weights_with_augmentation_and_shuffling(tmp_path, mnist)
     a = _smoke(tmp_path, "a.pt", mnist, seed=7)
     b = _smoke(tmp_path, "b.pt", mnist, seed=7)
     assert a.checkpoint["train_config"]["augment"] is True
+    # The picture-path data (a share in proportion to --limit) is part of what the seed fixes.
+    from mnist_edge.imaging.normalize import NORMALISER_VERSION
+
+    assert a.checkpoint["normaliser_version"] == NORMALISER_VERSION
+    assert a.checkpoint["metrics"]["picture_images"] == {"handwriting": 250, "mnist_pictures": 166}
+    assert a.checkpoint["metrics"]["train_images"] == 1000 + 250 + 166
     for key, tensor in a.checkpoint["state_dict"].items():
         assert torch.equal(tensor, b.checkpoint["state_dict"][key]), key
     c = _smoke(tmp_path, "c.pt", mnist, seed=8)
@@ -72,7 +78,7 @@ def test_cli_smoke_run_writes_a_safe_checkpoint(tmp_path, mnist):
     assert "test accuracy" in proc.stdout
     raw = torch.load(out, map_location="cpu", weights_only=True)
     assert raw["format_version"] == 1
-    assert raw["model_config"]["hidden"] == [512, 256, 128]
+    assert raw["model_config"]["hidden"] == [640, 320, 160]
     assert raw["train_config"]["limit"] == 2000 and raw["train_config"]["epochs"] == 1
     assert set(raw["data_sha256"]) == {"train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}
     model, ckpt = load_checkpoint(out)
