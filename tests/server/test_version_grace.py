@@ -106,7 +106,8 @@ def test_the_previous_version_has_its_own_metrics_and_a_second_reload_drops_it(s
         _infer(stub, images, "1")
         _infer(stub, images, "1")
         _infer(stub, images)
-        assert _metric_versions(app.metrics_address) == {"2": 1.0, "1": 2.0}
+        # A call's statistics are recorded just after its answer is sent: wait for them.
+        wait_for(lambda: _metric_versions(app.metrics_address) == {"2": 1.0, "1": 2.0}, timeout=10)
         text = urllib.request.urlopen(f"http://{app.metrics_address}/metrics", timeout=10).read().decode()
         assert text.count("mnist_edge_model_info{") == 2
         stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="mnist"), timeout=5).model_stats
