@@ -131,6 +131,26 @@ def _ladder(base) -> list[tuple[str, Any]]:
     ]
 
 
+def _held_out_captures(ckpt: dict[str, Any], int8_bytes: bytes, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """A fine-tune's held-out field captures (docs/field-loop.md): the accuracy its training
+    recorded before and after, and the int8 model's own, read again from the capture folders
+    when they are still here. Reported next to MNIST; the gate is MNIST's and the proxies'."""
+    recorded = (ckpt.get("metrics") or {}).get("captures")
+    if not recorded:
+        return None
+    out = dict(recorded)
+    try:
+        from mnist_edge.training import captures
+
+        _, held = captures.load(recorded["folders"], recorded["held_out_share"])
+    except (OSError, ValueError) as exc:
+        log(f"held-out captures not re-read ({exc}); the training run's figures are reported")
+        return out
+    if len(held):
+        out["held_out_accuracy_int8"] = ort_predict(int8_bytes, held.images).accuracy(held.labels)
+    return out
+
+
 def run(cfg: ExportConfig, log: Callable[[str], None] = print, quantizer: Callable | None = None) -> ExportOutcome:
     """Export, gate and (if it passes) publish. `quantizer` replaces export.quantize.quantize in tests."""
     import onnx
@@ -292,6 +312,7 @@ def run(cfg: ExportConfig, log: Callable[[str], None] = print, quantizer: Callab
         for name, (x, y) in proxy_sets.items():
             got = ort_predict(int8_bytes, x).digits
             report["proxy_wrong"][name] = [{"index": int(i), "label": int(y[i]), "after": int(got[i])} for i in np.flatnonzero(got != y)]
+        report["captures"] = _held_out_captures(ckpt, int8_bytes, log)
         if not proxy_gate.passed:
             report["error"] = "the int8 model misses a held-out proxy budget; models/ left untouched"
             return outcome

@@ -181,6 +181,13 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+def _captures_line(c: dict[str, Any]) -> str:
+    return (
+        f"held-out field captures ({c.get('held_out', 0)}): before fine-tuning {_pct(c.get('held_out_accuracy_before'))}, "
+        f"after {_pct(c.get('held_out_accuracy_after'))} (PyTorch), int8 {_pct(c.get('held_out_accuracy_int8'))}"
+    )
+
+
 def markdown(r: dict[str, Any]) -> str:
     out: list[str] = []
     verdict = "PASSED" if r.get("passed") else "FAILED"
@@ -197,6 +204,9 @@ def markdown(r: dict[str, Any]) -> str:
             if k in acc:
                 out.append(f"| {k} | {_pct(acc[k])} |")
         out.append("")
+    if r.get("captures"):
+        out.append("## Field captures (fine-tuning, held-out part)\n")
+        out.append(_captures_line(r["captures"]) + "\n")
     fp32 = r.get("fp32_check")
     if fp32:
         out.append("## fp32 ONNX vs PyTorch\n")
@@ -299,6 +309,8 @@ def console_summary(r: dict[str, Any]) -> str:
     proxy = r.get("proxy") or {}
     for name, f in (proxy.get("int8") or {}).items():
         lines.append(f"  {name}: {_pct(f['accuracy'])}, worst digit {f['worst_digit']} {_pct(f['worst'])}")
+    if r.get("captures"):
+        lines.append("  " + _captures_line(r["captures"]))
     for c in (proxy.get("gate") or {}).get("checks", []):
         lines.append("  " + _check_line(c).replace("**", ""))
     files = r.get("files", {})

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mnist_edge.imaging.normalize import NORMALISER_VERSION, SUPPORTED_VERSIONS
+from mnist_edge.training import captures
 from mnist_edge.training import data as mnist_data
 from mnist_edge.training.model import MLP, ModelConfig
 
@@ -59,6 +60,10 @@ class TrainConfig:
     data_workers: int = 2  # processes drawing and normalising the picture data
     picture_cache: bool = True  # keep the picture data in the cache (pictures/ next to MNIST's)
     limit: int | None = None  # train on the first N images only (smoke runs)
+    init: str | None = None  # fine-tune: start from this checkpoint's weights (and its widths)
+    extra_data: list[str] = field(default_factory=list)  # labelled capture folders (docs/field-loop.md)
+    extra_share: float = 0.1  # the training captures' share of each epoch
+    extra_held_out: float = 0.2  # share of the captures never trained on, only evaluated
     threads: int = 1  # torch CPU threads; see docs/model-card.md for why one
     data_dir: str | None = None
     offline: bool = False
@@ -240,9 +245,24 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, dataset: mnist
     if len(extra_y):
         train_x = torch.cat([train_x, torch.from_numpy(extra_x)])
         train_y = torch.cat([train_y, torch.from_numpy(extra_y.astype(np.int64))])
+    held_captures = None
+    if cfg.extra_data:
+        train_captures, held_captures = captures.load(cfg.extra_data, cfg.extra_held_out)
+        if len(train_captures) + len(held_captures) == 0:
+            raise ValueError(f"no labelled captures in {', '.join(cfg.extra_data)} (label them with `mnist-edge label DIR`)")
+        mixed_x, mixed_y = captures.mix(train_x.numpy(), train_y.numpy(), train_captures, cfg.extra_share)
+        train_x, train_y = torch.from_numpy(np.ascontiguousarray(mixed_x)), torch.from_numpy(mixed_y.astype(np.int64))
+        log(f"captures: {len(train_captures)} trained on (repeated to {cfg.extra_share:.0%} of an epoch), {len(held_captures)} held out")
     n = len(train_x)
 
-    model = MLP(model_cfg)
+    if cfg.init:
+        model, init_ckpt = load_checkpoint(cfg.init)
+        model_cfg = ModelConfig.from_dict(init_ckpt["model_config"])  # a fine-tune keeps the widths it starts from
+        if init_ckpt.get("normaliser_version", 1) != cfg.normaliser:
+            raise ValueError(f"{cfg.init} was trained for normaliser version {init_ckpt.get('normaliser_version', 1)}, this run uses {cfg.normaliser}")
+    else:
+        model = MLP(model_cfg)
+    captures_before = evaluate(model, held_captures.images, held_captures.labels) if held_captures is not None and len(held_captures) else None
     averaged = _Ema(model, cfg.ema) if cfg.ema > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -307,6 +327,19 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, dataset: mnist
     model = averaged.module if averaged is not None else model
     if cfg.eval_proxy:
         metrics["proxy"] = _proxy_accuracy(model, cfg.normaliser, log)
+    if held_captures is not None:
+        after = evaluate(model, held_captures.images, held_captures.labels) if len(held_captures) else None
+        metrics["captures"] = {
+            "folders": list(cfg.extra_data),
+            "held_out_share": cfg.extra_held_out,
+            "train": len(train_captures),
+            "held_out": len(held_captures),
+            "held_out_accuracy_before": captures_before["accuracy"] if captures_before else None,
+            "held_out_accuracy_after": after["accuracy"] if after else None,
+        }
+        if after is not None:
+            before_text = f"{captures_before['accuracy']:.4f} before, " if captures_before else ""
+            log(f"held-out captures ({len(held_captures)}): {before_text}{after['accuracy']:.4f} after")
 
     model.eval()
     checkpoint: dict[str, Any] = {
@@ -383,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-workers", type=int, default=d.data_workers, help="processes drawing and normalising the picture data")
     p.add_argument("--picture-cache", action=argparse.BooleanOptionalAction, default=d.picture_cache, help="cache the picture data next to the MNIST cache")
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images only (smoke runs)")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT", help="fine-tune: start from this checkpoint's weights and widths (with --extra-data; fewer epochs and a lower --lr suit it)")
+    p.add_argument("--extra-data", nargs="+", default=[], metavar="DIR", help="labelled capture folders (mnist-edge label DIR) trained on next to MNIST; a held-out part of them is only evaluated")
+    p.add_argument("--extra-share", type=float, default=d.extra_share, help="the training captures' share of each epoch (repeated to reach it)")
+    p.add_argument("--extra-held-out", type=float, default=d.extra_held_out, help="share of the captures held out (chosen by file name; never trained on)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (fixed, for determinism)")
     p.add_argument("--data-dir", default=None, help="directory holding the four MNIST IDX files (else MNIST_EDGE_DATA_DIR, the cache, then download)")
     p.add_argument("--offline", action="store_true", help="never download; use only --data-dir and the cache")
@@ -421,6 +458,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig
         data_workers=args.data_workers,
         picture_cache=args.picture_cache,
         limit=limit,
+        init=args.init,
+        extra_data=list(args.extra_data),
+        extra_share=args.extra_share,
+        extra_held_out=args.extra_held_out,
         threads=args.threads,
         data_dir=args.data_dir,
         offline=args.offline,
@@ -436,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, model_cfg = config_from_args(args)
     try:
         train(cfg, model_cfg)
-    except mnist_data.DataError as exc:
+    except (mnist_data.DataError, ValueError, OSError) as exc:
         print(f"mnist-edge train: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.full_setup  # needs what scripts/test (not --quick) sets up
+
 CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 try:
     import kubernetes_validate as kv

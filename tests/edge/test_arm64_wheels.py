@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "arm64"))
 import check_wheels  # noqa: E402
 
+pytestmark = pytest.mark.full_setup  # needs what scripts/test (not --quick) sets up
+
 COMMAND = ".venv/bin/python tools/arm64/check_wheels.py"
 
 

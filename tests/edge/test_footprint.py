@@ -15,6 +15,8 @@ import pytest
 
 from mnist_edge.bench import footprint
 
+pytestmark = pytest.mark.full_setup  # needs what scripts/test (not --quick) sets up
+
 REPO = Path(__file__).resolve().parents[2]
 
 

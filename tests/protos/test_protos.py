@@ -686,6 +686,7 @@ def _schema(python: str, modules: list[str], cwd: Path, env: dict | None = None)
     return json.loads(proc.stdout)
 
 
+@pytest.mark.full_setup
 def test_schema_equals_tritonclient_2_41(tmp_path):
     from helpers.triton import tritonclient_python
 

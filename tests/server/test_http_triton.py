@@ -23,7 +23,7 @@ from mnist_edge.bench import perf_analyzer as pa
 from mnist_edge.imaging.normalize import normalize_encoded
 from mnist_edge.server import model_store
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.full_setup]  # full_setup: needs what scripts/test (not --quick) sets up
 COUNT = 2000
 
 SCRIPT = r'''

@@ -23,6 +23,8 @@ import pytest
 
 from helpers.servers import REPO
 
+pytestmark = pytest.mark.full_setup  # needs what scripts/test (not --quick) sets up
+
 SETUP = "python -m pip wheel --wheel-dir wheelhouse .   (from the repository root)"
 INSTALL_TIMEOUT = 600
 

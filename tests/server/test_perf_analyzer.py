@@ -20,6 +20,8 @@ from mnist_edge.bench import perf_analyzer as pa
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.full_setup  # needs what scripts/test (not --quick) sets up
+
 REQUESTS = 200
 
 

@@ -30,6 +30,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+pytestmark = pytest.mark.full_setup  # needs what scripts/test (not --quick) sets up
+
 address, images_path, out_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 batch = int(sys.argv[4])
 images = np.load(images_path)
