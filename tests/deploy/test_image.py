@@ -36,7 +36,7 @@ TAG = "localhost/mnist-edge:latest"
 SIZE_LIMIT = 400_000_000
 UID = 10001
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.full_setup]  # podman, runc, debootstrap: scripts/test (not --quick) installs them
 
 
 def _env() -> dict[str, str]:
