@@ -151,6 +151,12 @@ class App:
         # The drain gate first: at the end of a drain it holds new calls (server/drain.py).
         self.gate = drain.DrainGate()
         interceptors: list[grpc.ServerInterceptor] = [self.gate]
+        if self.core.access_log is not None:
+            # Right after the drain gate, so that calls a later interceptor refuses (a wrong
+            # token) are logged too.
+            from mnist_edge.server.access_log import AccessInterceptor
+
+            interceptors.append(AccessInterceptor(self.core.access_log))
         token = None
         token_bytes = None
         if settings.token_file:
@@ -162,6 +168,7 @@ class App:
             except ValueError as exc:
                 raise BindError(str(exc)) from None
             interceptors.append(token)
+        self.token = token
         # Unary calls on a small last-in-first-out pool; every streaming method on a pool of its
         # own, so open streams never hold the threads unary calls need (server/threads.py).
         self.pool = threads.LifoThreadPool(settings.handler_threads, thread_name_prefix="rpc")
@@ -194,6 +201,7 @@ class App:
                     max_group=settings.max_batch_size,
                     max_images=settings.max_queue,
                     max_request_images=settings.max_request_images,
+                    on_refused=self._log_lane_refusal if self.core.access_log is not None else None,
                 )
                 self.inference_path = "lane"
             else:
@@ -236,6 +244,12 @@ class App:
         self.http_address: str | None = None
         if settings.http_address:
             self._bind_http(token_bytes, reuseport)
+
+    def _log_lane_refusal(self, call: lane.LaneCall, status: str) -> None:
+        """An access log line for a call the inference lane refused before any handler ran."""
+        service, _, method = call.method.name.lstrip("/").partition("/")
+        self.core.access_log.record(api="v2" if service == INFERENCE_SERVICE else "native", method=method, status=status,
+                                    duration_ns=0, peer=call.peer(), metadata=call.invocation_metadata())
 
     # -- binding ----------------------------------------------------------------
     def _bind(self, address: str) -> str:
@@ -311,7 +325,7 @@ class App:
     def metrics_snapshot(self) -> dict:
         from mnist_edge.server.metrics import snapshot
 
-        snap = snapshot(self.core.stats, self.core.model, self.core.ready, self.core.batcher.queued_images)
+        snap = snapshot(self.core.stats, self.core.model, self.core.ready, self.core.batcher.queued_images, self.core.previous)
         snap["lane_active"] = 1 if self.lane is not None else 0
         if self.core.capture is not None:
             snap["captures"] = self.core.capture.snapshot()
@@ -380,13 +394,33 @@ class App:
             load_seconds=round(time.perf_counter() - started, 3),
         )
 
+    def rotate_token(self) -> bool:
+        """Read --token-file again (SIGHUP): a new token is accepted from now on and the old one
+        refused; a file that cannot be read or holds too short a token keeps the old one. True if it changed."""
+        if self.token is None:
+            return False
+        from mnist_edge.server.auth import read_token
+
+        try:
+            changed = self.token.set_token(read_token(self.settings.token_file))
+        except ValueError as exc:
+            logs.event("token_refused", f"token file not re-read, the previous token stays in effect: {exc}", logging.ERROR)
+            return False
+        # Never the token itself, nor a hash of it.
+        logs.event("token_rotated" if changed else "token_unchanged",
+                   f"{self.settings.token_file}: {'a new token is in effect; the previous one is refused' if changed else 'token unchanged'}",
+                   token_file=self.settings.token_file)
+        return changed
+
     def reload(self, reason: str = "SIGHUP") -> bool:
         """Read the manifest again, verify everything, then swap atomically; True if swapped.
 
         Calls in flight finish on the old model (each batch holds the runner it started
         with). A model that fails any check is refused and the old one keeps serving.
+        The token file is read again first, whatever becomes of the model.
         """
         with self._reload_lock:
+            self.rotate_token()
             current = self.core.model
             if current is None or self.core.state is not State.SERVING:
                 logs.event("reload_skipped", f"reload ({reason}) skipped: the server is {self.core.state.value}", logging.WARNING)
@@ -474,6 +508,9 @@ class App:
             self.health_server.stop(0).wait()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
+        spans = self.core.access_log.spans if self.core.access_log is not None else None
+        if spans is not None:
+            spans.shutdown()  # export the spans still buffered
         logs.event("stopped", "server stopped", exit_code=self.exit_code)
         self.stopped.set()
 

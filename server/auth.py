@@ -2,7 +2,8 @@
 
 The token comes from a file (never a flag: flags show up in `ps`). Each call must send
 `authorization: Bearer <token>`; the comparison takes constant time. Health checking is
-never behind authentication, so orchestrators can probe without the secret.
+never behind authentication, so orchestrators can probe without the secret. SIGHUP re-reads
+the file (App.rotate_token): the new token is accepted at once and the old one refused.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ def read_token(path: str) -> bytes:
 class TokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, token: bytes) -> None:
         self._expected = b"bearer " + token
+
+    def set_token(self, token: bytes) -> bool:
+        """Accept `token` from now on (and no longer the previous one); True if it changed.
+        One reference swap: a call checks against either the old or the new value, never a mix."""
+        expected = b"bearer " + token
+        changed = not hmac.compare_digest(expected, self._expected)
+        self._expected = expected
+        return changed
 
     def _deny(self, handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
         def abort(request_or_iterator, context):

@@ -10,7 +10,8 @@ import signal
 import sys
 import threading
 
-from mnist_edge.server import logs, settings as settings_mod
+from mnist_edge.server import logs, sd_notify
+from mnist_edge.server import settings as settings_mod
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(settings.log_format, settings.log_level)
     if settings.log_format == "json":
         logs.capture_native_stderr()
+    settings_mod.warn_unknown_env()
+    # Read (and removed from the environment, so workers never inherit it) before anything starts.
+    notifier = sd_notify.Notifier.from_environment()
     if settings.workers > 1:
         from mnist_edge.server import workers
         from mnist_edge.server.app import BindError, check_trust
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             logs.event("bind_failed", str(exc), 40)
             return 2
 
-        return workers.run(settings)
+        return workers.run(settings, notifier)
     from mnist_edge.server.app import App, BindError
 
     try:
@@ -50,16 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         logs.event("bind_failed", str(exc), 40)
         return 2
 
-    def on_signal(signum, frame):  # noqa: ARG001
+    def on_signal(signum, frame):
         name = signal.Signals(signum).name
+        notifier.stopping(f"shutdown ({name}): draining")
         threading.Thread(target=app.shutdown, args=(name,), name="shutdown", daemon=True).start()
 
-    def on_hup(signum, frame):  # noqa: ARG001
+    def on_hup(signum, frame):
         threading.Thread(target=app.reload, args=("SIGHUP",), name="reload", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
+    sd_notify.attach(notifier, app)
     try:
         app.start()
     except BindError as exc:

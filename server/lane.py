@@ -144,6 +144,17 @@ class LaneCall:
                 return value if isinstance(value, str) else value.decode("latin-1")
         return None
 
+    def peer(self) -> str | None:
+        """The client's address (for the access log; asked before the answer releases the call)."""
+        call = self.call
+        if call is None:
+            return None
+        peer = call.peer()
+        return peer.decode("utf-8", "replace") if isinstance(peer, bytes) else peer
+
+    def invocation_metadata(self) -> tuple:
+        return self.metadata
+
     def hand_off(self) -> None:
         """The handler passes this call to another thread, which will reply() or fail() it."""
         self.stage = _HANDED_OFF
@@ -208,6 +219,7 @@ class Lane:
         max_group: int = 256,
         max_images: int = 4096,
         max_request_images: int = 1024,
+        on_refused: Callable[[LaneCall, str], None] | None = None,
     ) -> None:
         if not supported(server):
             raise RuntimeError("this grpcio does not offer what the inference lane needs")
@@ -218,6 +230,7 @@ class Lane:
         for m in self._methods:
             self._cy.register_method(m.name)
         self._authorize = authorize
+        self._on_refused = on_refused  # told of each call `authorize` refuses (the access log)
         # The methods share `max_calls` requests for calls, kept open in gRPC core; a slot is
         # asked for again only when its call has ended: at most that many calls are taken at
         # once (more wait in gRPC core), and every call taken is one the server has accepted,
@@ -326,6 +339,8 @@ class Lane:
             if self._authorize is not None:
                 reason = self._authorize(event.invocation_metadata)
                 if reason is not None:
+                    if self._on_refused is not None:
+                        self._on_refused(c, "UNAUTHENTICATED")
                     c.fail(grpc.StatusCode.UNAUTHENTICATED, reason)
                     return
             if self._holding:

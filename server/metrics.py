@@ -43,7 +43,22 @@ from mnist_edge.server.stats import Statistics
 Snapshot = dict[str, Any]
 
 
-def snapshot(stats: Statistics, model: Any, ready: bool, queue_depth: int) -> Snapshot:
+# The per-version counters: a replaced version in its grace period (--previous-version-grace-s)
+# reports its own under its own `version` label.
+VERSION_COUNTERS = ("success", "fail", "inference_count", "execution_count", "request_ns", "queue_ns", "input_ns", "infer_ns", "output_ns")
+
+
+def snapshot(stats: Statistics, model: Any, ready: bool, queue_depth: int, previous: Any = None) -> Snapshot:
+    """`previous`: core.Previous (the replaced version still answering pinned calls) or None."""
+    snap = _snapshot(stats, model, ready, queue_depth)
+    if previous is not None:
+        old = _snapshot(previous.stats, previous.model, ready, 0)
+        snap["previous"] = {"version": old["version"], "precision": old["precision"], "sha256": old["sha256"],
+                            **{k: old[k] for k in VERSION_COUNTERS}}
+    return snap
+
+
+def _snapshot(stats: Statistics, model: Any, ready: bool, queue_depth: int) -> Snapshot:
     with stats.locked():
         return {
             "model": getattr(model, "name", "mnist"),
@@ -93,6 +108,9 @@ def merge(snaps: list[Snapshot]) -> Snapshot:
             mine["sum"] += h["sum"]
         if s["version"] != out["version"]:
             out["version"] = f"{out['version']},{s['version']}"  # mid-reload; visible, not hidden
+        mine, theirs = out.get("previous"), s.get("previous")
+        if mine and theirs and mine["version"] == theirs["version"]:
+            out["previous"] = {**mine, **{k: mine[k] + theirs[k] for k in VERSION_COUNTERS}}
     return out
 
 
@@ -135,18 +153,22 @@ def render(s: Snapshot) -> str:
     family("mnist_edge_requests_total", "counter", "Requests by API and gRPC status code",
            [("", {"api": k.split("|", 1)[0], "code": k.split("|", 1)[1]}, n) for k, n in sorted(s["requests_by"].items())])
     counters = (
-        ("mnist_edge_inference_request_success_total", "Successful inference requests", s["success"]),
-        ("mnist_edge_inference_request_failure_total", "Failed inference requests", s["fail"]),
-        ("mnist_edge_inference_count_total", "Images inferred", s["inference_count"]),
-        ("mnist_edge_inference_exec_count_total", "Batches executed", s["execution_count"]),
-        ("mnist_edge_inference_request_duration_us_total", "Cumulative request duration, microseconds", s["request_ns"] / 1e3),
-        ("mnist_edge_inference_queue_duration_us_total", "Cumulative time requests waited in the queue, microseconds", s["queue_ns"] / 1e3),
-        ("mnist_edge_inference_compute_input_duration_us_total", "Cumulative request decoding time, microseconds", s["input_ns"] / 1e3),
-        ("mnist_edge_inference_compute_infer_duration_us_total", "Cumulative model time per request, microseconds", s["infer_ns"] / 1e3),
-        ("mnist_edge_inference_compute_output_duration_us_total", "Cumulative response encoding time, microseconds", s["output_ns"] / 1e3),
+        ("mnist_edge_inference_request_success_total", "Successful inference requests", "success", 1),
+        ("mnist_edge_inference_request_failure_total", "Failed inference requests", "fail", 1),
+        ("mnist_edge_inference_count_total", "Images inferred", "inference_count", 1),
+        ("mnist_edge_inference_exec_count_total", "Batches executed", "execution_count", 1),
+        ("mnist_edge_inference_request_duration_us_total", "Cumulative request duration, microseconds", "request_ns", 1e3),
+        ("mnist_edge_inference_queue_duration_us_total", "Cumulative time requests waited in the queue, microseconds", "queue_ns", 1e3),
+        ("mnist_edge_inference_compute_input_duration_us_total", "Cumulative request decoding time, microseconds", "input_ns", 1e3),
+        ("mnist_edge_inference_compute_infer_duration_us_total", "Cumulative model time per request, microseconds", "infer_ns", 1e3),
+        ("mnist_edge_inference_compute_output_duration_us_total", "Cumulative response encoding time, microseconds", "output_ns", 1e3),
     )
-    for name, doc, value in counters:
-        family(name, "counter", doc, [("", labels, value)])
+    previous = s.get("previous")
+    for name, doc, key, scale in counters:
+        samples = [("", labels, s[key] / scale)]
+        if previous:
+            samples.append(("", {"model": s["model"], "version": previous["version"]}, previous[key] / scale))
+        family(name, "counter", doc, samples)
     if "lane_active" in s:
         family("mnist_edge_inference_lane_active", "gauge",
                "Processes serving ModelInfer and Classify on the inference lane (0: on the handler threads, by --no-infer-lane or after a failed lane self-check)",
@@ -166,8 +188,9 @@ def render(s: Snapshot) -> str:
         samples.append(("_count", {"model": s["model"]}, cumulative))
         family(name, "histogram", doc, samples)
     family("mnist_edge_queue_depth", "gauge", "Images waiting in the batcher's queue", [("", {"model": s["model"]}, s["queue_depth"])])
-    family("mnist_edge_model_info", "gauge", "The model being served",
-           [("", {"model": s["model"], "version": s["version"], "precision": s["precision"], "sha256": s["sha256"]}, 1)])
+    family("mnist_edge_model_info", "gauge", "The model being served (and one replaced by a reload, in its grace period)",
+           [("", {"model": s["model"], "version": m["version"], "precision": m["precision"], "sha256": m["sha256"]}, 1)
+            for m in (s, previous) if m])
     try:
         version = [("", {"model": s["model"]}, float(s["version"]))]
     except ValueError:

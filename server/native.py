@@ -73,6 +73,9 @@ class ClassifyRpc(InferenceRpc[DecodedClassify]):
         bounds.check_classify(message, self.core.settings.max_request_images)  # junk is refused before protobuf parses it
         return super().read(message)
 
+    def request_id(self, request: pb.ClassifyRequest) -> str | None:
+        return request.request_id or None
+
     def needs_thread(self, request: pb.ClassifyRequest) -> bool:
         return any(image.WhichOneof("data") == "encoded" for image in request.images)
 
@@ -170,6 +173,7 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
     def ClassifyStream(self, request_iterator, context):
         rpc = self.classify
         now = time.perf_counter_ns
+        access = self.core.access_log
         for request in request_iterator:
             if self.core.state is State.STOPPING:
                 # Shutdown is one of the two things that end a stream (authentication is the other).
@@ -186,6 +190,10 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
                 response = rpc.response(decoded, result)
             except Exception as exc:  # noqa: BLE001 - a failed message does not end the stream
                 self.core.stats.record_request(STREAM_API, status_of(exc).name, now() - t0)
+                if access is not None:
+                    access.record(api="native", method="ClassifyStream", status=status_of(exc).name, duration_ns=now() - t0,
+                                  request_id=request.request_id or None, peer=context.peer(), metadata=context.invocation_metadata(),
+                                  context=context)
                 if not isinstance(exc, ServingError):
                     log.error("unexpected error in ClassifyStream", exc_info=exc)
                     message = f"internal error: {type(exc).__name__}; the server logged the traceback"
@@ -194,6 +202,11 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
                 yield pb.ClassifyResponse(request_id=request.request_id, error=_error(status_of(exc), message))
                 continue
             rpc.record_success(STREAM_API, t0, t1, t2, now(), result)
+            if access is not None:  # one line per message: each is a request of its own
+                access.record(api="native", method="ClassifyStream", status="OK", duration_ns=now() - t0,
+                              request_id=request.request_id or None, images=0 if decoded.pixels is None else len(decoded.pixels),
+                              queue_s=result.queue_s if result else 0.0, compute_s=result.compute_s if result else 0.0,
+                              peer=context.peer(), metadata=context.invocation_metadata(), context=context)
             if rpc.capture is not None and result is not None:
                 rpc.offer_capture(STREAM_API, decoded, result, lambda name: metadata_value(context.invocation_metadata(), name))
             yield response

@@ -504,6 +504,13 @@ class HttpCall:
         retry = RETRY_AFTER.get(status)
         self.response = json_error(status, details, [("Retry-After", retry)] if retry else None)
 
+    def peer(self) -> str | None:
+        return None  # the access log's peer: not known at this layer over HTTP
+
+    def invocation_metadata(self) -> tuple:
+        """The request's headers, for the access log (x-request-id, traceparent)."""
+        return tuple(self.headers.items())
+
 
 class InferMessage(NamedTuple):
     request: Request
@@ -528,6 +535,12 @@ class RestInferRpc(v2.ModelInferRpc):
             raise Unavailable("the server is shutting down; retry on another replica")
         self.core.check_model(message.model_name, message.model_version)
         return parse_infer(message.request, message.model_name, message.model_version)
+
+    def pinned(self, parsed: InferRequest):
+        return super().pinned(parsed.message)  # a version in its grace period, as on gRPC
+
+    def request_id(self, parsed: InferRequest) -> str | None:
+        return super().request_id(parsed.message)
 
     def decode(self, parsed: InferRequest) -> RestDecoded:
         decoded = super().decode(parsed.message)
@@ -570,6 +583,9 @@ class RestClassifyRpc(ClassifyRpc):
             pb_request = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=message.request.body)], return_probabilities=True)
             return RestClassifyRequest(pb_request, {}, True)
         return RestClassifyRequest(*classify_message(_parse_json(message.request.body, "the classify request")), False)
+
+    def request_id(self, request: RestClassifyRequest) -> str | None:
+        return super().request_id(request.message)
 
     def decode(self, request: RestClassifyRequest) -> RestClassifyDecoded:
         decoded = super().decode(request.message)

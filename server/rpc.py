@@ -27,6 +27,7 @@ from mnist_edge.server.errors import (
     status_and_message,
     status_of,
 )
+from mnist_edge.server.model_store import LoadedModel
 
 _now = time.perf_counter_ns
 
@@ -47,6 +48,12 @@ class Responder(Protocol):
 
     def header(self, name: str) -> str | None:
         """The value of request metadata (gRPC) or header (HTTP) `name`, lower case; None when absent."""
+
+    def peer(self) -> str | None:
+        """The client's address as gRPC reports it (for the access log; asked before answering)."""
+
+    def invocation_metadata(self) -> tuple:
+        """The call's invocation metadata (or HTTP headers), (key, value) pairs (for the access log)."""
 
 
 def metadata_value(metadata, name: str) -> str | None:
@@ -85,6 +92,16 @@ class ContextResponder:
     def header(self, name: str) -> str | None:
         return metadata_value(self._context.invocation_metadata(), name)
 
+    def peer(self) -> str | None:
+        return self._context.peer()
+
+    def invocation_metadata(self) -> tuple:
+        return self._context.invocation_metadata()
+
+    @property
+    def context(self) -> grpc.ServicerContext:
+        return self._context
+
     @property
     def answered(self) -> bool:
         return self._body is not None or self._failure is not None
@@ -108,6 +125,8 @@ class Admitted(NamedTuple, Generic[D]):
     call: Responder
     decoded: D
     decoded_ns: int  # time.perf_counter_ns() when decoding ended: input time is decoded_ns - call.received_ns
+    model: LoadedModel | None = None  # a version in its grace period the request named; None: the current model
+    request_id: str | None = None  # the request's own id, for the access log
 
 
 class InferenceRpc(Generic[D]):
@@ -126,6 +145,7 @@ class InferenceRpc(Generic[D]):
     def __init__(self, core: Core, offload: Callable[..., object] | None = None) -> None:
         self.core = core
         self.stats = core.stats
+        self.access_log = getattr(core, "access_log", None)  # --access-log (server/access_log.py), or None
         # Where the lane sends calls that `needs_thread` (a handler pool's submit): the lane
         # thread must not wait on slow decoding.
         self.offload = offload
@@ -156,6 +176,15 @@ class InferenceRpc(Generic[D]):
         """True when decoding `request` may take long: the lane hands it to `offload`."""
         return False
 
+    def pinned(self, request) -> LoadedModel | None:
+        """The model the request names when that is not the current one (a version in its
+        grace period after a reload, core.Core.previous); None: the current model."""
+        return None
+
+    def request_id(self, request) -> str | None:
+        """The request's own id, for the access log."""
+        return None
+
     # -- serving -----------------------------------------------------------------------------
     def serve(self, call: Responder, request=None) -> None:
         """Answer one call, from the calling thread (a handler thread, or a lane hand-off)."""
@@ -167,9 +196,9 @@ class InferenceRpc(Generic[D]):
         if pixels is not None:
             remaining = None if call.deadline is None else call.deadline - time.monotonic()
             try:
-                result = self.core.classify(pixels, remaining, call.is_cancelled)
+                result = self.core.classify(pixels, remaining, call.is_cancelled, model=admitted.model)
             except Exception as exc:  # noqa: BLE001 - mapped to a status in _fail
-                self._fail(call, exc)
+                self._fail(call, exc, admitted=admitted)
                 return
         self._finish(admitted, result)
 
@@ -178,8 +207,8 @@ class InferenceRpc(Generic[D]):
         request read and decoded on its own, the images of the valid ones run together by
         `Core.classify_group`, each call answered as soon as its batch ends. Calls that
         `needs_thread` are handed whole to `offload` and answered from there."""
-        admitted: list[Admitted[D]] = []
-        group: list[GroupRequest] = []
+        # One group per model: the current one, and a version in its grace period that calls named.
+        groups: dict[int, tuple[LoadedModel | None, list[Admitted[D]], list[GroupRequest]]] = {}
         for call in calls:
             try:
                 request = self.read(call.message)
@@ -195,10 +224,15 @@ class InferenceRpc(Generic[D]):
             if a.decoded.pixels is None:  # nothing for the model: answered now
                 self._finish(a, None)
                 continue
+            _, admitted, group = groups.setdefault(id(a.model), (a.model, [], []))
             admitted.append(a)
             group.append(GroupRequest(a.decoded.pixels, call.deadline, time.monotonic()))
-        if group:
-            self.core.classify_group(group, lambda i, outcome: self._deliver(admitted[i], outcome))
+        for model, admitted, group in groups.values():
+            try:
+                self.core.classify_group(group, lambda i, outcome, admitted=admitted: self._deliver(admitted[i], outcome), model=model)
+            except Exception as exc:  # noqa: BLE001 - the named version was unloaded since it was checked
+                for a in admitted:
+                    self._fail(a.call, exc, admitted=a)
 
     def serve_context(self, message: bytes, context: grpc.ServicerContext) -> bytes:
         """grpcio's unary behavior on a handler thread (see `method_handler`): the response
@@ -228,15 +262,20 @@ class InferenceRpc(Generic[D]):
                 self._fail(call, exc, model_level=False)
                 return None
         try:
+            model = self.pinned(request)
+        except Exception as exc:  # noqa: BLE001 - not a request for a model served here: not in its statistics
+            self._fail(call, exc, model_level=False, request_id=self.request_id(request))
+            return None
+        try:
             decoded = self.decode(request)
         except Exception as exc:  # noqa: BLE001 - mapped to a status in _fail
-            self._fail(call, exc)
+            self._fail(call, exc, admitted=None, request_id=self.request_id(request))
             return None
-        return Admitted(call, decoded, _now())
+        return Admitted(call, decoded, _now(), model, self.request_id(request))
 
     def _deliver(self, admitted: Admitted[D], outcome: Result | BaseException) -> None:
         if isinstance(outcome, BaseException):
-            self._fail(admitted.call, outcome)
+            self._fail(admitted.call, outcome, admitted=admitted)
         else:
             self._finish(admitted, outcome)
 
@@ -246,11 +285,14 @@ class InferenceRpc(Generic[D]):
         try:
             body = self.encode(admitted.decoded, result)
         except Exception as exc:  # noqa: BLE001 - mapped to a status in _fail
-            self._fail(call, exc)
+            self._fail(call, exc, admitted=admitted)
             return
         end = _now()
+        if self.access_log is not None:  # before the answer: the call is released after it
+            self._access(call, "OK", end - call.received_ns, admitted, result)
         call.reply(body)
-        self.record_success(self.api, call.received_ns, admitted.decoded_ns, encode_start, end, result)
+        self.record_success(self.api, call.received_ns, admitted.decoded_ns, encode_start, end, result,
+                            stats=self._stats_for(admitted.model))
         if self.capture is not None and result is not None:
             self.offer_capture(self.api, admitted.decoded, result, call.header)
 
@@ -260,18 +302,43 @@ class InferenceRpc(Generic[D]):
         self.capture.offer(api, request_id, result, decoded.pixels, originals, header)
 
     # -- the one statistics and error path ---------------------------------------------------
-    def record_success(self, api: str, start_ns: int, decoded_ns: int, encode_start_ns: int, end_ns: int, result: Result | None) -> None:
-        """A request answered OK; one that no image of reached the model is counted by API only."""
+    def record_success(self, api: str, start_ns: int, decoded_ns: int, encode_start_ns: int, end_ns: int, result: Result | None,
+                       stats=None) -> None:
+        """A request answered OK; one that no image of reached the model is counted by API only.
+        `stats`: those of the model that answered (a version in its grace period has its own)."""
+        stats = self.stats if stats is None else stats
         if result is None:
-            self.stats.record_request(api, "OK", end_ns - start_ns, model_level=False)
+            stats.record_request(api, "OK", end_ns - start_ns, model_level=False)
         else:
-            self.stats.record_ok(
+            stats.record_ok(
                 api, end_ns - start_ns, decoded_ns - start_ns, end_ns - encode_start_ns, int(result.queue_s * 1e9), int(result.compute_s * 1e9)
             )
 
-    def _fail(self, call: Responder, exc: BaseException, model_level: bool = True) -> None:
-        self.stats.record_request(self.api, status_of(exc).name, _now() - call.received_ns, model_level=model_level)
+    def _fail(self, call: Responder, exc: BaseException, model_level: bool = True, admitted: Admitted[D] | None = None,
+              request_id: str | None = None) -> None:
+        status = status_of(exc).name
+        duration = _now() - call.received_ns
+        stats = self._stats_for(admitted.model if admitted is not None else None)
+        stats.record_request(self.api, status, duration, model_level=model_level)
+        if self.access_log is not None:  # before the answer: the call is released after it
+            self._access(call, status, duration, admitted, None, request_id)
         call.fail(*status_and_message(exc, self.method))
+
+    def _stats_for(self, model: LoadedModel | None):
+        """The statistics of the model that answers: a version in its grace period has its own."""
+        return self.stats if model is None else self.core.stats_for(model)
+
+    def _access(self, call: Responder, status: str, duration_ns: int, admitted: Admitted[D] | None, result: Result | None,
+                request_id: str | None = None) -> None:
+        """The call's access log line (--access-log)."""
+        pixels = admitted.decoded.pixels if admitted is not None else None
+        self.access_log.record(
+            api=self.api, method=self.method, status=status, duration_ns=duration_ns,
+            request_id=admitted.request_id if admitted is not None else request_id,
+            images=0 if pixels is None else len(pixels),
+            queue_s=result.queue_s if result is not None else 0.0, compute_s=result.compute_s if result is not None else 0.0,
+            peer=call.peer(), metadata=call.invocation_metadata(), context=getattr(call, "context", None),
+        )
 
 
 def method_handler(behavior: Callable[[bytes, grpc.ServicerContext], bytes]) -> grpc.RpcMethodHandler:

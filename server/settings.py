@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -56,12 +59,16 @@ class Settings:
     http_max_connections: int = _opt(256, "HTTP connections open at once; a new one closes the connection idle longest, or gets 503 when all are busy")
     http_read_timeout_s: float = _opt(30.0, "seconds an HTTP request may take to arrive, from its first byte to its last (then 408)")
     http_idle_timeout_s: float = _opt(60.0, "seconds an idle HTTP keep-alive connection stays open")
-    metrics_address: str = _opt("127.0.0.1:9464", 'HOST:PORT for the Prometheus /metrics endpoint ("" turns it off)')
+    metrics_address: str = _opt("127.0.0.1:9464", 'HOST:PORT for the Prometheus /metrics endpoint ("" turns it off)', empty_is_value=True)
     intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per session")
     infer_lane: bool = _opt(True, "serve ModelInfer and the native Classify on one thread straight from gRPC's completion queue (no thread hand-offs; requests ready together run as one batch; encoded images go to the handler threads); off: on the handler threads")
     handler_threads: int = _opt(4, "threads for unary calls (most recently idle first; more calls wait in line, none is refused); threads start on demand")
     stream_threads: int = _opt(64, "threads for streams: streams open at once (each open stream holds one; more wait for one to close)")
     max_concurrent_rpcs: int = _opt(1024, "calls accepted at once; more get RESOURCE_EXHAUSTED from gRPC (ModelInfer and Classify on the inference lane: more wait in gRPC core)")
+    access_log: bool = _opt(False, "one JSON line per call on the log stream (request id, method, status, images, timings, peer, trace id); docs/deploy.md")
+    access_log_sample: float = _opt(1.0, "fraction of calls the access log records (0..1), for busy servers")
+    otel: bool = _opt(False, "an OpenTelemetry span per call, exported as the OTEL_* variables say (needs pip install 'mnist-edge[otel]'); docs/deploy.md")
+    previous_version_grace_s: float = _opt(30.0, "after a reload, the previous version still answers calls that name it for this many seconds, then is unloaded")
     capture_dir: str | None = _opt(None, "keep the inputs the model was unsure about in this folder, for labelling (docs/field-loop.md); off by default: captured images are user data")
     capture_below: float = _opt(0.8, "capture an image when its top probability is below this")
     capture_sample: float = _opt(0.0, "also capture this fraction (0-1) of confident images, for spot checks")
@@ -77,7 +84,14 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("max_queue_delay_us", "grace_s", "drain_delay_s", "watch_s", "max_connection_age_s"):
+        if self.otel:
+            import importlib.util
+
+            if importlib.util.find_spec("opentelemetry") is None or importlib.util.find_spec("opentelemetry.sdk") is None:
+                raise ValueError("--otel needs the OpenTelemetry SDK, which is not installed: pip install 'mnist-edge[otel]'")
+        if not 0.0 <= self.access_log_sample <= 1.0:
+            raise ValueError(f"--access-log-sample must be between 0 and 1, got {self.access_log_sample}")
+        for name in ("max_queue_delay_us", "grace_s", "drain_delay_s", "watch_s", "max_connection_age_s", "previous_version_grace_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not 0 < self.capture_below <= 1:
@@ -155,7 +169,9 @@ def build_parser(prog: str = "mnist-edge serve", env: Mapping[str, str] | None =
         default = f.default
         raw = env.get(var)
         kind = _kind(f)
-        if raw is not None and raw != "":
+        if raw == "" and f.metadata.get("empty_is_value"):
+            default = ""  # e.g. MNIST_EDGE_METRICS_ADDRESS="" turns metrics off, as the flag does
+        elif raw is not None and raw != "":
             try:
                 default = kind(raw) if kind is not bool else parse_bool(raw)
             except ValueError as exc:
@@ -199,3 +215,43 @@ def from_args(argv: list[str] | None = None, env: Mapping[str, str] | None = Non
         ]
         parser.error(str(exc) + (f" (from the environment: {', '.join(sources)})" if sources else ""))
         raise  # unreachable: parser.error exits
+
+
+# MNIST_EDGE_* variables that are not `serve` flags, so never warned about (docs/deploy.md lists
+# them): data and cache folders (training/data.py), what the parent hands its workers, image
+# build settings (deploy/build-image.sh), and the test suite's settings (scripts/test).
+NOT_FLAGS = frozenset({
+    "MNIST_EDGE_DATA_DIR", "MNIST_EDGE_CACHE_DIR",
+    "MNIST_EDGE_WORKER_SETTINGS",
+    "MNIST_EDGE_IMAGE_CACHE", "MNIST_EDGE_REBUILD_BASE", "MNIST_EDGE_ARM64_WHEELS",
+    "MNIST_EDGE_WHEELHOUSE", "MNIST_EDGE_TRITONCLIENT_PYTHON", "MNIST_EDGE_PERF_ANALYZER",
+    "MNIST_EDGE_KSERVE_PYTHON", "MNIST_EDGE_REQUIRE_PROXY", "MNIST_EDGE_REQUIRE_IMAGE",
+    "MNIST_EDGE_CHROMIUM", "MNIST_EDGE_CHROMEDRIVER",
+})
+# Kubernetes' service links: a Service named mnist-edge (or mnist-edge-metrics) puts
+# MNIST_EDGE_SERVICE_HOST, MNIST_EDGE_PORT_50051_TCP_ADDR, ... into every pod of its namespace.
+_SERVICE_LINK = re.compile(r"^MNIST_EDGE(_[A-Z0-9]+)*_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(ADDR|PORT|PROTO))?)?)$")
+
+
+def unknown_env(env: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """(variable, closest flag variable or None) for each MNIST_EDGE_* name that is no setting."""
+    env = os.environ if env is None else env
+    known = [env_name(f.name) for f in dataclasses.fields(Settings)]
+    unknown = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in known or name in NOT_FLAGS or _SERVICE_LINK.match(name):
+            continue
+        # Compared without the shared prefix, which would make every name look close.
+        close = difflib.get_close_matches(name[len(ENV_PREFIX):], [k[len(ENV_PREFIX):] for k in known], n=1, cutoff=0.6)
+        unknown.append((name, ENV_PREFIX + close[0] if close else None))
+    return unknown
+
+
+def warn_unknown_env(env: Mapping[str, str] | None = None) -> None:
+    """Name each unknown MNIST_EDGE_* variable in a warning: a misspelt setting is otherwise silently ignored."""
+    from mnist_edge.server import logs
+
+    for name, closest in unknown_env(env):
+        hint = f"did you mean {closest}?" if closest else "no setting has a similar name"
+        logs.event("unknown_setting", f"environment variable {name} is not a setting and is ignored; {hint} (mnist-edge serve --help lists them)",
+                   logging.WARNING, variable=name, closest=closest)

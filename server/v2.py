@@ -319,10 +319,15 @@ class ModelInferRpc(InferenceRpc[DecodedRequest]):
 
     def read(self, message: bytes) -> pb.ModelInferRequest:
         bounds.check_model_infer(message)  # junk is refused before protobuf parses it
-        request = super().read(message)
-        # A request for another model is not counted in this model's statistics.
-        self.core.check_model(request.model_name, request.model_version)
-        return request
+        return super().read(message)
+
+    def pinned(self, request: pb.ModelInferRequest):
+        # A request for another model (or version) is not counted in this model's statistics.
+        model = self.core.check_model(request.model_name, request.model_version)
+        return model if request.model_version and model is not self.core.model else None
+
+    def request_id(self, request: pb.ModelInferRequest) -> str | None:
+        return request.id or None
 
     def decode(self, request: pb.ModelInferRequest) -> DecodedRequest:
         return decode_infer(request, self.core.settings.max_request_images, self.limits)
@@ -362,10 +367,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.core.model
         if model is None or not self.core.ready:
             return pb.ModelReadyResponse(ready=False)
-        if request.name != model.name:
-            raise NotFound(f"unknown model {request.name!r}; this server serves {model.name!r}")
-        if request.version and request.version != model.version:
-            raise NotFound(f"model {request.name!r} has no version {request.version!r}; the version served is {model.version!r}")
+        self.core.check_model(request.name, request.version)  # NOT_FOUND, unless current or in its grace period
         return pb.ModelReadyResponse(ready=True)
 
     def ServerMetadata(self, request, context):
@@ -379,7 +381,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[model.version],
+            # The current version first, then one in its grace period after a reload.
+            versions=[model.version] if request.version else [m.version for m in self.core.versions()],
             platform=PLATFORM,
             # A request sends one of the two; `image` is one encoded file per batch item.
             inputs=[tm(name=INPUT, datatype="UINT8", shape=[-1, 28, 28]), tm(name=images.IMAGE_INPUT, datatype="BYTES", shape=[-1, 1])],
@@ -426,9 +429,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.core.model
         if model is None:
             self.core.serving_model()  # raises UNAVAILABLE while loading
-        if request.name:
-            self.core.check_model(request.name, request.version)
-        return pb.ModelStatisticsResponse(model_stats=[model_statistics(self.core.stats, model.name, model.version)])
+        chosen = self.core.check_model(request.name, request.version) if request.name else None
+        # Per version, as Triton reports them: a version in its grace period has its own.
+        models = [m for m in self.core.versions() if not request.version or m is chosen]
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(self.core.stats_for(m), m.name, m.version) for m in models])
 
 
 def model_infer_handler(servicer: InferenceServicer) -> grpc.RpcMethodHandler:

@@ -95,6 +95,8 @@ def main() -> int:
             app.core.set_model(model)
             logs.event("reloaded", f"now serving version {model.version} (was {previous})", version=model.version, previous=previous)
             return {"version": model.version}
+        if cmd == "rotate_token":
+            return app.rotate_token()
         if cmd == "abort":
             pending.pop("model", None)
             return None

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mnist_edge.server import logs, model_store
+from mnist_edge.server import logs, model_store, sd_notify
 from mnist_edge.server.settings import Settings
 
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
@@ -282,6 +282,8 @@ class Supervisor:
     def reload(self, reason: str = "SIGHUP") -> bool:
         """Swap every worker to the published model, or none; True if they swapped."""
         with self._reload_lock:
+            for w in self.workers:  # the token file is read again whatever becomes of the model
+                w.call("rotate_token", timeout=10)
             try:
                 candidate = ServedCopy.take(self.settings.model, self.settings.precision)
             except (model_store.ModelLoadError, OSError) as exc:
@@ -366,7 +368,8 @@ class Supervisor:
         logs.event("stopped", "all workers stopped", exit_code=self.exit_code)
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, notifier: sd_notify.Notifier | None = None) -> int:
+    notifier = notifier or sd_notify.Notifier(None)
     try:
         sup = Supervisor(settings)
     except ValueError as exc:
@@ -375,6 +378,8 @@ def run(settings: Settings) -> int:
     done = threading.Event()
 
     def on_term(signum, frame):  # noqa: ARG001
+        notifier.stopping(f"shutdown ({signal.Signals(signum).name}): draining {len(sup.workers)} workers")
+
         def stop():
             sup.shutdown(signal.Signals(signum).name)
             done.set()
@@ -395,6 +400,7 @@ def run(settings: Settings) -> int:
         return 1
     if settings.watch_s > 0:
         threading.Thread(target=_watch, args=(sup, settings), daemon=True).start()
+    _notify_systemd(notifier, sup, done)
     while not done.wait(0.5):
         pass
     return sup.exit_code
@@ -409,3 +415,21 @@ def _watch(sup: Supervisor, settings: Settings) -> None:
         if now != last and now is not None:
             last = now
             sup.reload("manifest changed")
+
+
+def _notify_systemd(notifier: sd_notify.Notifier, sup: Supervisor, done: threading.Event) -> None:
+    """READY=1 once every worker serves; WATCHDOG=1 while every worker process runs and the
+    shared port answers a health check (TLS: the processes alone)."""
+    if not notifier.enabled:
+        return
+    notifier.ready(f"serving on {sup.address} with {len(sup.workers)} workers")
+    interval = notifier.watchdog_interval_s
+    if interval is None:
+        return
+    port_answers = None if sup.settings.tls_cert else sd_notify.grpc_health_probe(sup.address, interval / 2)
+
+    def healthy() -> bool:
+        alive = all(w.proc is not None and w.proc.poll() is None for w in sup.workers)
+        return alive and (port_answers is None or port_answers())
+
+    notifier.start_watchdog(healthy, done)

@@ -76,7 +76,7 @@ def validate(doc: dict, version: str | None) -> str:
 def test_kinds_present(docs):
     kinds = sorted((d["apiVersion"], d["kind"]) for d in docs)
     assert kinds == sorted([
-        ("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "Service"),
+        ("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "Service"), ("v1", "Service"),
         ("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1", "PodDisruptionBudget"),
     ]), kinds
 
@@ -256,3 +256,15 @@ def test_resources_cover_the_measured_footprint(server):
     assert quantity(res["limits"]["memory"]) >= 2 * max(peaks), "room for the largest measured peak"
     assert quantity(res["requests"]["cpu"]) >= measured["load"]["server_cores_busy"] * 0.5
     assert quantity(res["limits"]["cpu"]) >= quantity(res["requests"]["cpu"])
+
+
+def test_clusterip_service_and_the_queue_depth_autoscaling_example(docs, no_network):
+    clusterip = [d for d in docs if d["kind"] == "Service" and d["spec"].get("type") == "ClusterIP"]
+    assert len(clusterip) == 1 and clusterip[0]["spec"]["ports"][0]["targetPort"] == "grpc"
+    (example,) = yaml.safe_load_all((K8S / "examples" / "hpa-queue-depth.yaml").read_text())
+    validate(example, None)
+    (metric,) = example["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "mnist_edge_queue_depth"
+    assert example["spec"]["scaleTargetRef"] == only(docs, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    # The gauge it scales on is one the server exports.
+    assert "mnist_edge_queue_depth" in (REPO / "server" / "metrics.py").read_text()

@@ -116,7 +116,9 @@ def systemd_analyze() -> str:
 
 def test_unit_runs_the_server_the_way_the_design_says(unit):
     s = unit["Service"]
-    assert one(unit, "Service", "Type") == "exec", "the server does not call sd_notify (no Type=notify)"
+    # The server sends READY=1, STOPPING=1 and WATCHDOG=1 (tests/deploy/test_operations.py).
+    assert one(unit, "Service", "Type") == "notify" and one(unit, "Service", "NotifyAccess") == "main"
+    assert 2 <= seconds(one(unit, "Service", "WatchdogSec")) <= seconds(one(unit, "Service", "TimeoutStartSec"))
     argv = shlex.split(one(unit, "Service", "ExecStart"))
     assert argv[0] == "/opt/mnist-edge/venv/bin/mnist-edge" and argv[1] == "serve"
     assert argv[argv.index("--address") + 1] == "0.0.0.0:50051"

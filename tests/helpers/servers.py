@@ -83,3 +83,24 @@ def ort_reference(model_file: Path, images: np.ndarray) -> tuple[np.ndarray, np.
         probs.append(p)
         digits.append(d)
     return np.concatenate(probs), np.concatenate(digits)
+
+
+def channel_per_worker(address: str, workers: int, metadata=(), attempts: int = 60) -> list[grpc.Channel]:
+    """One channel (connection) to each worker process behind `address`: SO_REUSEPORT gives each
+    new connection to one worker, so new connections are opened (each with a subchannel of its
+    own) until every worker's pid (ServerMetadata's mnist-edge-pid trailer) has been seen."""
+    from mnist_edge.protos.inference import grpc_service_pb2 as pb
+    from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+    found: dict[int, grpc.Channel] = {}
+    for _ in range(attempts):
+        ch = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        _, call = pb_grpc.GRPCInferenceServiceStub(ch).ServerMetadata.with_call(pb.ServerMetadataRequest(), timeout=10, metadata=list(metadata))
+        pid = int(dict(call.trailing_metadata())["mnist-edge-pid"])
+        if pid in found:
+            ch.close()
+        else:
+            found[pid] = ch
+        if len(found) == workers:
+            return list(found.values())
+    raise AssertionError(f"reached {len(found)} of {workers} workers in {attempts} connections")

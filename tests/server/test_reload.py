@@ -37,7 +37,8 @@ def infer(address: str, images, version: str = "", timeout: float = 30):
 def test_sighup_reloads_refuses_bad_models_and_supersedes_old_versions(tmp_path, shipped_manifest, mnist):
     models = copy_models(shipped_manifest.parent, tmp_path / "models")
     set_version(models, 1)
-    proc, address = start_cli_server(tmp_path, "--model", str(models), "--log-format", "json")
+    # No version grace here (tests/server/test_version_grace.py has it): version 1 goes at the swap.
+    proc, address = start_cli_server(tmp_path, "--model", str(models), "--log-format", "json", "--previous-version-grace-s", "0")
     try:
         wait_for(lambda: health_status(address) == "SERVING", timeout=60)
         assert served_version(address) == "1"

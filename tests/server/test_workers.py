@@ -11,7 +11,7 @@ import urllib.request
 import grpc
 import pytest
 from helpers.models import copy_models, set_version
-from helpers.servers import health_status, start_cli_server, wait_for
+from helpers.servers import health_status, make_settings, start_cli_server, wait_for
 
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -228,6 +228,21 @@ def test_one_refusing_worker_stops_every_worker_from_swapping():
     sup.workers = [_FakeWorker(0), _FakeWorker(1), _FakeWorker(2)]
     assert sup._swap_all("/served/copy", "test") is True
     assert all(w.calls == ["prepare", "commit"] for w in sup.workers), [w.calls for w in sup.workers]
+
+
+def test_a_reload_reads_the_token_file_again_whatever_becomes_of_the_model(tmp_path):
+    """SIGHUP rotates the bearer token in every worker first, even when the model is refused."""
+    import threading
+
+    from mnist_edge.server.workers import Supervisor
+
+    sup = Supervisor.__new__(Supervisor)  # the coordination alone, without processes
+    sup._reload_lock = threading.Lock()
+    sup.settings = make_settings(model=str(tmp_path / "nothing-published-here"))
+    sup.served = None
+    sup.workers = [_FakeWorker(0), _FakeWorker(1)]
+    assert sup.reload("test") is False
+    assert all(w.calls == ["rotate_token"] for w in sup.workers), [w.calls for w in sup.workers]
 
 
 def _events(proc, name: str) -> list[dict]:
