@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import subprocess
-import warnings
 from functools import cache, lru_cache
 from pathlib import Path
 from urllib.parse import unquote
@@ -25,12 +24,6 @@ from mnist_edge.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 README_LIMIT = 16_000
-
-# Linked from README.md but written on other branches of the same round of work: the deployment
-# guide (issue 17, operations) and the model card (issue 14, handwriting). While one is absent,
-# links to it are not failures; once it exists it is checked like any other document.
-# Remove this allowance once both branches are merged.
-EXPECTED_FROM_OTHER_BRANCHES = {"docs/deploy.md", "docs/model-card.md"}
 
 # Sections of docs/design.md that code, tests and pyproject.toml cite by name.
 DESIGN_SECTIONS_CITED = (
@@ -170,7 +163,7 @@ def test_readme_is_a_guide_not_a_notebook():
 
 def test_every_relative_markdown_link_resolves():
     assert "README.md" in markdown_files() and "docs/design.md" in markdown_files()
-    broken, awaited = [], set()
+    broken = []
     for md in markdown_files():
         base = str(Path(md).parent) if "/" in md else ""
         for number, target in links((ROOT / md).read_text(encoding="utf-8")):
@@ -183,16 +176,11 @@ def test_every_relative_markdown_link_resolves():
                 broken.append(f"{where} points outside the repository")
                 continue
             if not exists(rel):
-                if rel in EXPECTED_FROM_OTHER_BRANCHES:
-                    awaited.add(rel)
-                else:
-                    broken.append(f"{where}: no {rel} in the repository")
+                broken.append(f"{where}: no {rel} in the repository")
                 continue
             if anchor and rel.endswith(".md") and anchor not in anchors(rel):
                 broken.append(f"{where}: {rel} has no heading with the anchor #{anchor} (it has: {', '.join(sorted(anchors(rel)))})")
     assert not broken, "broken Markdown links:\n" + "\n".join(broken)
-    if awaited:
-        warnings.warn(f"linked but not in the repository yet (expected from other branches): {', '.join(sorted(awaited))}", stacklevel=1)
 
 
 # -- citations in every file --------------------------------------------------------------------
@@ -236,8 +224,6 @@ def test_nothing_cites_a_document_that_is_not_in_the_repository():
             cited = m.group(1)
             candidates = [resolve(base, cited), resolve("", cited)]
             if any(c is not None and exists(c) for c in candidates):
-                continue
-            if any(c in EXPECTED_FROM_OTHER_BRANCHES for c in candidates):
                 continue
             line = text.count("\n", 0, m.start()) + 1
             missing.append(f"{rel}:{line}: cites {cited}, which is not in the repository")
