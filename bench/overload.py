@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from mnist_edge.bench import loadgen
 from mnist_edge.bench.run import infer_payload, start, wait_serving
 

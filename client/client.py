@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -151,7 +151,7 @@ class DigitClient:
         self.stub = pb_grpc.DigitClassifierStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
-    def __enter__(self) -> "DigitClient":
+    def __enter__(self) -> DigitClient:
         return self
 
     def __exit__(self, *exc) -> None:

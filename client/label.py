@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from mnist_edge.client.cli import ascii_art
 
 LABELS_FILE = "labels.csv"

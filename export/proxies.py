@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
 from mnist_edge.export.verify import Budgets, Check, _check, ort_predict
 
 SPLITS = ("handwriting-tune", "handwriting-holdout", "fonts-tune", "fonts-holdout")

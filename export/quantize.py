@@ -90,7 +90,7 @@ class QuantConfig:
             d.pop("percentile")
         return d
 
-    def with_excluded(self, *nodes: str) -> "QuantConfig":
+    def with_excluded(self, *nodes: str) -> QuantConfig:
         return replace(self, nodes_to_exclude=tuple(sorted(set(self.nodes_to_exclude) | set(nodes))))
 
 

@@ -29,7 +29,7 @@ class Budgets:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Budgets":
+    def from_dict(cls, d: dict[str, Any]) -> Budgets:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: float(v) for k, v in d.items() if k in known})
 

@@ -69,7 +69,7 @@ class ImageLimits:
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
-def open_checked(data: bytes, limits: ImageLimits = ImageLimits()) -> "_ImageModule.Image":
+def open_checked(data: bytes, limits: ImageLimits = ImageLimits()) -> _ImageModule.Image:
     """Open encoded image bytes lazily and check them from the header alone.
 
     Returns a Pillow image whose pixel data has NOT been decoded yet; raises
@@ -119,7 +119,7 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     return to_gray(img)
 
 
-def to_gray(img: "_ImageModule.Image") -> np.ndarray:
+def to_gray(img: _ImageModule.Image) -> np.ndarray:
     """Pillow image -> float32 luminance in [0, 255]; transparency becomes background."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
@@ -247,7 +247,7 @@ def normalize_encoded(data: bytes, limits: ImageLimits = ImageLimits()) -> np.nd
     return normalize(decode(data, limits))
 
 
-def normalize_pil(img: "_ImageModule.Image") -> np.ndarray:
+def normalize_pil(img: _ImageModule.Image) -> np.ndarray:
     """A Pillow image already in memory -> normalised 28x28 uint8."""
     from PIL import ImageOps
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import grpc
+
 from mnist_edge.server.logs import LOGGER
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")

@@ -15,9 +15,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -331,7 +331,7 @@ class App:
             snap["captures"] = self.core.capture.snapshot()
         return snap
 
-    def start(self, background_load: bool = True) -> "App":
+    def start(self, background_load: bool = True) -> App:
         if self.settings.metrics_address:
             from mnist_edge.server.metrics import start_http
 

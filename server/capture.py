@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from mnist_edge.server import logs
 
 OPT_OUT_HEADER = "x-mnist-edge-capture"

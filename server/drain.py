@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 import grpc
+
 from mnist_edge.server.lane import REFUSAL
 
 HOLD_MAX_S = 1.0  # longest wait for calls in progress before gRPC's shutdown begins (less if --grace-s is short)

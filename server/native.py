@@ -14,8 +14,8 @@ handler threads; ClassifyStream uses its decode and response.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 import numpy as np

@@ -14,8 +14,9 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 ENV_PREFIX = "MNIST_EDGE_"
 MiB = 1024 * 1024
@@ -78,7 +79,7 @@ class Settings:
     log_format: str = _opt("json", "log line format: json or text", choices=("json", "text"))
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 
-    def validate(self) -> "Settings":
+    def validate(self) -> Settings:
         positive = ("workers", "max_request_images", "max_batch_size", "max_queue", "max_image_bytes", "max_image_pixels", "max_message_bytes", "intra_op_threads", "handler_threads", "stream_threads", "max_concurrent_rpcs")
         positive += ("http_max_connections", "http_read_timeout_s", "http_idle_timeout_s")
         for name in positive:
@@ -137,7 +138,7 @@ class Settings:
     def trusted_key_files(self) -> list[str]:
         return [p for p in (self.trust or "").split(",") if p.strip()]
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 

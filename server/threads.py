@@ -21,8 +21,9 @@ through the same handlers as on the lane (server/rpc.py), swapped in by `registe
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent import futures
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import grpc
 

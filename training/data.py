@@ -25,9 +25,9 @@ import subprocess
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 

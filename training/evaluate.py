@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
 from mnist_edge.export.proxies import per_digit
 from mnist_edge.imaging.normalize import (
     NORMALISER_VERSION,
     SUPPORTED_VERSIONS,
     normalize,
 )
-from PIL import Image
 
 Predict = Callable[[np.ndarray], np.ndarray]  # uint8 [N, 28, 28] -> digits int64 [N]
 PICTURE_VARIANTS = ("light-on-dark", "dark-on-light", "off-centre", "larger-jpeg")
@@ -120,6 +121,7 @@ def through_server(target: str, mnist_test, *, n_pictures: int = 1000, handwriti
     """The same sets sent to a running server as a device would: raw MNIST as 784 pixels, every
     picture PNG-encoded through Classify's `encoded` path (the server normalises it)."""
     import grpc
+
     from mnist_edge.protos.digits.v1 import digits_pb2 as pb
     from mnist_edge.protos.digits.v1 import digits_pb2_grpc as pb_grpc
     from mnist_edge.training import handwriting, proxy
@@ -161,6 +163,7 @@ def through_server(target: str, mnist_test, *, n_pictures: int = 1000, handwriti
 
 def torch_predictor(checkpoint: Path) -> tuple[Predict, dict[str, Any]]:
     import torch
+
     from mnist_edge.training.train import load_checkpoint
 
     model, ckpt = load_checkpoint(checkpoint)

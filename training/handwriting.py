@@ -31,8 +31,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from mnist_edge.imaging.normalize import NORMALISER_VERSION, normalize
 from PIL import Image, ImageDraw, ImageFilter
+
+from mnist_edge.imaging.normalize import NORMALISER_VERSION, normalize
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "tune", "holdout")

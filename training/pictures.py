@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from mnist_edge.imaging.normalize import normalize
 from PIL import Image
+
+from mnist_edge.imaging.normalize import normalize
 
 _SALT = 1_000_211
 

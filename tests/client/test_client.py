@@ -15,12 +15,13 @@ import grpc
 import numpy as np
 import pytest
 
+from helpers.servers import REPO, ort_reference, running_server
+
 # From the modules, not the package face: under a bare `pytest` (cwd not on sys.path) the test
 # directory tests/client/ shadows the package `client` as a namespace package; submodules still
 # resolve. test_imports.py checks the package face itself.
 from mnist_edge.client.cli import SHADES, ascii_art
 from mnist_edge.client.client import ClientError, DigitClient, Prediction
-from helpers.servers import REPO, ort_reference, running_server
 from mnist_edge.imaging.idx import encode_idx
 from mnist_edge.imaging.normalize import normalize_encoded
 from mnist_edge.server import model_store

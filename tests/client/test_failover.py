@@ -23,10 +23,9 @@ import time
 
 import grpc
 import numpy as np
-import pytest
 
-from mnist_edge.client.client import DigitClient
 from helpers.servers import REPO, health_status, start_cli_server, wait_for
+from mnist_edge.client.client import DigitClient
 from mnist_edge.protos.inference import grpc_service_pb2 as v2
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as v2_grpc
 
@@ -88,7 +87,7 @@ class Load:
                 with self.lock:
                     self.in_flight -= 1
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
         return self
@@ -110,7 +109,7 @@ def failover(tmp_path, *, threads: int, sizes: tuple[int, int], restart: bool, d
             proc, address = start_cli_server(tmp_path, "--log-level", "warning", *extra)
             servers.append([proc, address])
         for _, address in servers:
-            wait_for(lambda: health_status(address) == "SERVING", timeout=60)
+            wait_for(lambda a=address: health_status(a) == "SERVING", timeout=60)
         (_, fast), (victim, slow) = servers
 
         with DigitClient([fast, slow], timeout=10, options=list(options)) as client, Load(client, threads, sizes) as load:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from helpers.digits import digit_pngs
 from helpers.servers import wait_for
 from mnist_edge.client.cli import ascii_art
@@ -155,6 +156,7 @@ def test_served_captures_labelled_in_the_terminal_become_training_data(tmp_path,
     """The loop up to fine-tuning: a server captures what it is sent, a person labels it in the
     terminal from the truth, and training reads exactly those images with those labels."""
     import grpc
+
     from helpers.servers import running_server
     from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
     from mnist_edge.training import captures

@@ -13,6 +13,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+
 @dataclass
 class Instruction:
     keyword: str  # upper case

@@ -27,11 +27,10 @@ import json
 import re
 import sys
 
-import kubernetes.client.models as k8s_models
-import yaml
-
 import kserve
 import kserve.models as kserve_models
+import kubernetes.client.models as k8s_models
+import yaml
 from kserve.api_client import ApiClient
 
 LIST = re.compile(r"^(?:list|List)\[(.*)\]$")

@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+
 from helpers.servers import health_status, ort_reference, wait_for
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc

@@ -14,6 +14,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+
 from helpers.servers import (
     channel_per_worker,
     health_status,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from mnist_edge.server import settings as settings_mod
 from mnist_edge.server.settings import Settings
 

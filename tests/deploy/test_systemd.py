@@ -24,7 +24,6 @@ systemd-analyze comes with Debian's `systemd` package (scripts/test installs it)
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -36,7 +35,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -298,8 +296,8 @@ def test_server_runs_under_memory_deny_write_execute(unit, tmp_path):
 
     import numpy as np
 
-    from mnist_edge.client.client import DigitClient
     from helpers.servers import health_status, wait_for
+    from mnist_edge.client.client import DigitClient
 
     argv = shlex.split(one(unit, "Service", "ExecStart"))
     binary = Path(sys.executable).with_name("mnist-edge")  # this checkout's entry point stands in for /opt/...

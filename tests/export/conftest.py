@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+
 @pytest.fixture(scope="session")
 def smoke_checkpoint(tmp_path_factory, mnist):
     from mnist_edge.training.model import ModelConfig

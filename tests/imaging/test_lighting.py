@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from mnist_edge.imaging import normalize as nz
 from PIL import Image, ImageDraw, ImageFilter
+
+from mnist_edge.imaging import normalize as nz
 
 
 def _four_on_paper(size: int = 160) -> np.ndarray:

@@ -15,8 +15,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from mnist_edge.imaging.normalize import NORMALISER_VERSION, normalize
 from PIL import Image
+
+from mnist_edge.imaging.normalize import NORMALISER_VERSION, normalize
 
 REPO = Path(__file__).resolve().parents[2]
 N = 3  # pictures per digit

@@ -9,6 +9,7 @@ import signal
 import grpc
 import numpy as np
 import pytest
+
 from helpers.servers import health_status, start_cli_server, wait_for
 from mnist_edge.protos.digits.v1 import digits_pb2 as dpb
 from mnist_edge.protos.digits.v1 import digits_pb2_grpc as dpb_grpc

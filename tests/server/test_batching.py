@@ -79,7 +79,7 @@ def test_results_go_back_to_exactly_their_callers_under_concurrency():
 def test_a_request_larger_than_a_batch_runs_alone_and_whole():
     model = FakeModel()
     b = Batcher(model, max_batch_size=8)
-    digits = b.infer(image(7, 20)).digits
+    b.infer(image(7, 20))
     assert model.batches == [[7] * 20]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from mnist_edge.protos.digits.v1 import digits_pb2
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.server import bounds

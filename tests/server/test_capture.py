@@ -15,6 +15,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from helpers.digits import digit_pngs
 from helpers.servers import running_server, wait_for
 from mnist_edge.imaging.normalize import normalize_encoded
@@ -23,7 +25,6 @@ from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from mnist_edge.server import capture
 from mnist_edge.server.images import join_bytes_tensor
-from prometheus_client.parser import text_string_to_metric_families
 
 OPT_OUT = (("x-mnist-edge-capture", "off"),)
 
@@ -134,7 +135,7 @@ def test_every_api_is_captured_with_its_original_bytes(tmp_path):
         ("native", "native-raw"), ("native", "native-encoded"), ("native_stream", "stream"), ("v2", "v2-pixels"),
         ("v2", "v2-image"), ("native_http", ""), ("v2_http", "rest-v2"),
     }
-    for (api, rid), meta in by_id.items():
+    for (_api, rid), meta in by_id.items():
         day = d / meta["time"][:10]
         assert (day / meta["image"]).read_bytes().startswith(b"\x89PNG")
         from PIL import Image

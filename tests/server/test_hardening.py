@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers.servers import make_settings
 
 
@@ -100,6 +101,7 @@ def test_a_huge_hand_made_header_block_costs_little_and_others_are_served(tmp_pa
     import socket
 
     import grpc
+
     from helpers.servers import health_status, start_cli_server, wait_for
     from mnist_edge.protos.inference import grpc_service_pb2 as pb
     from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc

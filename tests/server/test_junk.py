@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+
 from helpers.servers import health_status, start_cli_server, wait_for
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc

@@ -14,8 +14,8 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
-from helpers.servers import ort_reference, running_server, wait_for
 
+from helpers.servers import ort_reference, running_server, wait_for
 from mnist_edge.protos.digits.v1 import digits_pb2 as dpb
 from mnist_edge.protos.digits.v1 import digits_pb2_grpc as dpb_grpc
 from mnist_edge.protos.inference import grpc_service_pb2 as pb

@@ -221,8 +221,8 @@ def test_golden_mismatch_is_refused(tmp_path, shipped_manifest):
 
 
 def test_busy_port_fails_instead_of_sharing(server, tmp_path):
-    from mnist_edge.server.app import App, BindError
     from helpers.servers import make_settings
+    from mnist_edge.server.app import App, BindError
 
     with pytest.raises(BindError, match="could not listen on"):
         App(make_settings(address=server.address))

@@ -6,10 +6,11 @@ import urllib.request
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
 from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def scrape(address: str) -> dict[tuple[str, tuple], float]:

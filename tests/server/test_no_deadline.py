@@ -13,8 +13,8 @@ from concurrent import futures
 
 import grpc
 import numpy as np
-from helpers.servers import running_server
 
+from helpers.servers import running_server
 from mnist_edge.protos.digits.v1 import digits_pb2 as dpb
 from mnist_edge.protos.digits.v1 import digits_pb2_grpc as dpb_grpc
 from mnist_edge.protos.inference import grpc_service_pb2 as pb

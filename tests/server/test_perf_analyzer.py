@@ -14,8 +14,8 @@ import subprocess
 
 import grpc
 import pytest
-from helpers.servers import running_server
 
+from helpers.servers import running_server
 from mnist_edge.bench import perf_analyzer as pa
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from helpers.models import copy_models, set_version
 from helpers.servers import health_status, running_server, start_cli_server, wait_for
-
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from mnist_edge.server import model_store

@@ -6,8 +6,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from helpers.servers import running_server
 
+from helpers.servers import running_server
 from mnist_edge.protos.digits.v1 import digits_pb2 as dpb
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.server import rpc

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers.servers import running_server
 from mnist_edge.protos.digits.v1 import digits_pb2, digits_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -24,7 +24,7 @@ def _key():
 
 
 def _cert(subject: str, key, issuer_name=None, issuer_key=None, ca: bool = False, san: list | None = None):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (
         x509.CertificateBuilder()

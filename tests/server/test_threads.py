@@ -187,7 +187,6 @@ def test_single_image_path_matches_the_general_run_even_under_concurrent_callers
 
 
 def test_handler_threads_end_when_the_server_stops(mnist):
-    image = mnist.test.images[0]
     with running_server() as app:
         with grpc.insecure_channel(app.address) as channel:
             dpb_grpc.DigitClassifierStub(channel).GetModelInfo(dpb.GetModelInfoRequest(), timeout=10)  # on the handler threads

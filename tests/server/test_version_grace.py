@@ -12,6 +12,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+
 from helpers.models import copy_models, set_version
 from helpers.servers import (
     channel_per_worker,

@@ -10,9 +10,9 @@ import urllib.request
 
 import grpc
 import pytest
+
 from helpers.models import copy_models, set_version
 from helpers.servers import health_status, make_settings, start_cli_server, wait_for
-
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from helpers.digits import digit_pngs
 from mnist_edge.client.label import find_captures, write_labels
 from mnist_edge.imaging.normalize import normalize_encoded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from mnist_edge.imaging.normalize import NORMALISER_VERSION
 from mnist_edge.training.pictures import picture_training_set
 

@@ -219,7 +219,7 @@ def check(out_dir: Path, pythons: list[str], max_glibc_minor: int, pyproject: Pa
 
 def markdown(report: dict) -> str:
     pys = report["pythons"]
-    lines = [f"# aarch64 wheels for the server's dependencies", "",
+    lines = ["# aarch64 wheels for the server's dependencies", "",
              f"Platforms: {', '.join(report['platforms'])}; versions as {report['resolved_with']}.", "",
              "| package | version | direct | " + " | ".join(f"cp{p.replace('.', '')}" for p in pys) + " |",
              "|---|---|---|" + "---|" * len(pys)]
