@@ -20,6 +20,8 @@ import pytest
 from helpers.servers import ort_reference
 from helpers.triton import tritonclient_python
 
+pytestmark = pytest.mark.full_setup  # needs what scripts/test (not --quick) sets up
+
 BATCH = 500
 
 SCRIPT = r'''
@@ -29,8 +31,6 @@ import sys
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
-
-pytestmark = pytest.mark.full_setup  # needs what scripts/test (not --quick) sets up
 
 address, images_path, out_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 batch = int(sys.argv[4])
