@@ -3,7 +3,7 @@ sent handwriting in styles it misreads; the captures are labelled from the known
 fine-tuned on them next to MNIST, exported as N+1 through the gate with a signature, and
 hot-reloaded; the same style is then read better by the server, and MNIST no worse.
 
-Small on purpose (a 128-64-32 net, 6,000 MNIST images, two epochs and a one-epoch fine-tune, 400 pictures): it checks
+Small on purpose (a 128-64-32 net, 6,000 MNIST images, two epochs and a two-epoch fine-tune, 600 pictures): it checks
 the loop, not the shipped model. The figures it measures are printed and quoted in the docs.
 """
 
@@ -33,7 +33,7 @@ SMALL = dict(limit=6000, handwriting=0, mnist_pictures=0, eval_proxy=False, prog
 # Budgets for a model trained on 3,000 images for one epoch; the proxy splits are tiny.
 GATE = ["--min-accuracy", "0.80", "--max-drop", "0.02", "--min-agreement", "0.97", "--min-digit-accuracy", "0",
         "--proxy-per-digit", "6", "--fonts-per-digit", "3", "--workers", "1", "--no-latency", "--offline"]
-MARGIN = 0.10  # held-out captures: at least this much more accuracy after the fine-tune
+MARGIN = 0.08  # held-out captures: at least this much more accuracy after the fine-tune
 
 
 def _png(picture: np.ndarray) -> bytes:
@@ -82,7 +82,7 @@ def test_capture_label_fine_tune_sign_reload_reads_the_style_better(tmp_path, mn
     models = tmp_path / "models"
     _export(weak, 1, models, tmp_path / "report-n", key)
 
-    pictures, truth, _ = handwriting.build(40, "holdout", seed=11, raw=True)
+    pictures, truth, _ = handwriting.build(60, "holdout", seed=11, raw=True)
     captured = tmp_path / "captures"
     proc, address = start_cli_server(
         tmp_path, "--model", str(models), "--trust", str(pub), "--capture-dir", str(captured), "--capture-below", "1.0"
@@ -112,7 +112,7 @@ def test_capture_label_fine_tune_sign_reload_reads_the_style_better(tmp_path, mn
 
             tuned = tmp_path / "n1.pt"
             result = train(
-                TrainConfig(epochs=1, seed=5, lr=1e-3, init=str(weak), extra_data=[str(captured)], extra_share=0.3, out=str(tuned), **SMALL),
+                TrainConfig(epochs=2, seed=5, lr=1e-3, init=str(weak), extra_data=[str(captured)], extra_share=0.3, out=str(tuned), **SMALL),
                 dataset=mnist, log=lambda m: None,
             )
             assert result.metrics["captures"]["held_out"] == len(held)
