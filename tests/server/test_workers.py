@@ -87,7 +87,17 @@ def test_a_dead_worker_is_restarted(two_workers, mnist):
                 continue
         return len(seen - {victim}) >= 2
     wait_for(two_live_workers, timeout=60, interval=0.2)
-    assert infer_ok(address, mnist.test.images[:2])
+
+    def serving_again():
+        # The restarted worker answers health before its model is verified; until then its
+        # connections get UNAVAILABLE "starting" (clients retry), never a wrong answer.
+        try:
+            return all(infer_ok(address, mnist.test.images[:2]) for _ in range(6))
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            return False
+
+    wait_for(serving_again, timeout=60, interval=0.2)
 
 
 def test_sigterm_reaches_every_worker_and_each_drains(two_workers):
