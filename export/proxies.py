@@ -6,6 +6,8 @@ model was trained for (what the server does to an encoded picture):
 
 - `handwriting-tune`, `handwriting-holdout`: synthetic pen-stroke handwriting
   (training.handwriting; numpy and Pillow only, so always available);
+- `scans-tune`, `scans-holdout`: the same writers, every digit through a form reader's
+  capture (thick, blocky, often stretched to a square: the low-resolution scan of a real form);
 - `fonts-tune`, `fonts-holdout`: the font-rendered proxy set (training.proxy; only where
   the fonts of .ci/fonts.txt are installed).
 
@@ -25,8 +27,8 @@ import numpy as np
 
 from mnist_edge.export.verify import Budgets, Check, _check, ort_predict
 
-SPLITS = ("handwriting-tune", "handwriting-holdout", "fonts-tune", "fonts-holdout")
-HELD_OUT = ("handwriting-holdout", "fonts-holdout")
+SPLITS = ("handwriting-tune", "handwriting-holdout", "scans-tune", "scans-holdout", "fonts-tune", "fonts-holdout")
+HELD_OUT = ("handwriting-holdout", "scans-holdout", "fonts-holdout")
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,13 @@ def build_sets(
     unavailable: dict[str, str] = {}
     for name in splits:
         family, split = name.split("-", 1)
-        if family == "handwriting":
+        if family in ("handwriting", "scans"):
             if spec.handwriting_per_digit <= 0:
                 unavailable[name] = "not measured (0 images per digit)"
                 continue
             log(f"proxy split {name}: drawing {10 * spec.handwriting_per_digit} digits")
-            x, y, _ = handwriting.build(spec.handwriting_per_digit, split, spec.seed, workers=workers, version=version)
+            capture = "scan" if family == "scans" else None
+            x, y, _ = handwriting.build(spec.handwriting_per_digit, split, spec.seed, workers=workers, version=version, capture=capture)
         else:
             if spec.fonts_per_digit <= 0:
                 unavailable[name] = "not measured (0 images per digit)"

@@ -7,6 +7,8 @@ server's call for an encoded image):
 - `fonts-tune`, `fonts-holdout`: the font-rendered proxy splits (training.proxy; need the fonts);
 - `handwriting-tune`, `handwriting-holdout`: synthetic handwriting (training.handwriting) by
   writers never trained on; the held-out split also has styles, a pen and a camera never trained on;
+- `scans-tune`, `scans-holdout`: the same writers, every digit through a form reader's capture
+  (a 10-20 px box, often stretched to fill it and 1-bit, then enlarged: thick, blocky strokes);
 - `mnist-pictures`: 1,000 MNIST test images sent as pictures (light on dark, dark on light,
   off-centre on a 64x64 canvas, enlarged 4x as JPEG), scored as agreement with the model's
   answer on the raw image (the contract: >= 99% per variant).
@@ -37,6 +39,9 @@ from mnist_edge.imaging.normalize import (
 
 Predict = Callable[[np.ndarray], np.ndarray]  # uint8 [N, 28, 28] -> digits int64 [N]
 PICTURE_VARIANTS = ("light-on-dark", "dark-on-light", "off-centre", "larger-jpeg")
+# Synthetic handwriting sets by capture: "handwriting" mixes cameras and form readers as
+# training does; "scans" is every picture through a form reader (thick, blocky, stretched).
+HANDWRITING_FAMILIES: dict[str, str | None] = {"handwriting": None, "scans": "scan"}
 
 
 def picture_variants(images: np.ndarray, seed: int = 1234) -> dict[str, list[np.ndarray]]:
@@ -72,11 +77,12 @@ def picture_sets(version: int, mnist_test, *, n_pictures: int = 1000, handwritin
     from mnist_edge.training import handwriting, proxy
 
     sets: dict[str, Any] = {"mnist": (mnist_test.images, mnist_test.labels)}
-    for split in ("tune", "holdout"):
-        log(f"handwriting-{split} ...")
-        x, y, styles = handwriting.build(handwriting_per_digit, split, 0, workers=workers, version=version)
-        sets[f"handwriting-{split}"] = (x, y)
-        sets[f"styles:handwriting-{split}"] = styles
+    for family, capture in HANDWRITING_FAMILIES.items():
+        for split in ("tune", "holdout"):
+            log(f"{family}-{split} ...")
+            x, y, styles = handwriting.build(handwriting_per_digit, split, 0, workers=workers, version=version, capture=capture)
+            sets[f"{family}-{split}"] = (x, y)
+            sets[f"styles:{family}-{split}"] = styles
     if fonts:
         try:
             for split in ("tune", "holdout"):
@@ -141,11 +147,12 @@ def through_server(target: str, mnist_test, *, n_pictures: int = 1000, handwriti
     results: dict[str, Any] = {}
     raw_digits = classify(list(mnist_test.images), encoded=False)
     results["mnist"] = per_digit(raw_digits, mnist_test.labels)
-    for split in ("tune", "holdout"):
-        log(f"handwriting-{split} through {target} ...")
-        pics, y, styles = handwriting.build(handwriting_per_digit, split, 0, raw=True, workers=workers)
-        got = classify(pics, encoded=True)
-        results[f"handwriting-{split}"] = {**per_digit(got, y), "per_style": per_style(got, y, styles)}
+    for family, capture in HANDWRITING_FAMILIES.items():
+        for split in ("tune", "holdout"):
+            log(f"{family}-{split} through {target} ...")
+            pics, y, styles = handwriting.build(handwriting_per_digit, split, 0, raw=True, workers=workers, capture=capture)
+            got = classify(pics, encoded=True)
+            results[f"{family}-{split}"] = {**per_digit(got, y), "per_style": per_style(got, y, styles)}
     if fonts:
         try:
             for split in ("tune", "holdout"):

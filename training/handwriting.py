@@ -8,7 +8,8 @@ way a pen does: each style is a parametric skeleton (lines, arcs and Bezier curv
 unit box), bent by a writer (slant, width, roundness, wobble, jitter of every control
 point), stroked by a pen (fine pencil to thick marker, with pressure), and captured by a
 camera or scanner (rendered at 8-60 px high, upscaled, blurred, lit unevenly, on textured
-paper, JPEG'd, rotated, in perspective). The output is a grayscale picture as a user would
+paper, JPEG'd, rotated, in perspective) or by a form reader (cropped and fitted into a
+10-20 px box, often stretched to fill it and at one bit per pixel, then enlarged). The output is a grayscale picture as a user would
 send it; `imaging.normalize` turns it into what the model sees, as in the server.
 
 Splits. "train" feeds training; "tune" (other writers) chooses the recipe; "holdout" is only
@@ -27,7 +28,7 @@ import argparse
 import io
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,10 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from mnist_edge.imaging.normalize import NORMALISER_VERSION, normalize
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the form reader's scan capture (`_scan`); 1s' flags by angle, and the flat-flag 1
 SPLITS = ("train", "tune", "holdout")
+CAPTURES = ("camera", "scan")
+SCAN_SHARE = 0.3  # of the pictures drawn with no capture named
 _SPLIT_SALT = {"train": 11, "tune": 23, "holdout": 37}
 
 Stroke = np.ndarray  # [K, 2] points (x, y) in a box 1 unit high, y down
@@ -88,9 +91,17 @@ def _one_stick(r: R) -> list[Stroke]:
     return [_line((x + r(-0.06, 0.06), 0.0), (x, 1.0))]
 
 
+def _flag(x: float, length: float, angle: float) -> tuple[float, float]:
+    """Where a 1's flag starts: `length` from the top of the stem at `x`, `angle` degrees below
+    the horizontal, to the left. A 1's flag always falls to the left; a 7's bar runs level
+    to the right, which is what tells them apart once a scan has stretched both to a square."""
+    a = np.deg2rad(angle)
+    return (x - length * float(np.cos(a)), length * float(np.sin(a)))
+
+
 def _one_flag(r: R) -> list[Stroke]:
     x = r(0.5, 0.62)
-    flag = (x - r(0.2, 0.45), r(0.15, 0.4))
+    flag = _flag(x, r(0.25, 0.45), r(30, 60))
     return [_join(_line(flag, (x, 0.0), 8), _line((x, 0.0), (x + r(-0.04, 0.04), 1.0), 14))]
 
 
@@ -102,18 +113,26 @@ def _one_flag_foot(r: R) -> list[Stroke]:
 
 
 def _one_short_flag(r: R) -> list[Stroke]:
-    """A short, shallow flag, as typeset 1s and many writers have it (not to be read as a 7)."""
+    """A short flag, as typeset 1s and many writers have it."""
     x = r(0.5, 0.62)
-    flag = (x - r(0.12, 0.3), r(0.06, 0.22))
+    flag = _flag(x, r(0.12, 0.25), r(25, 55))
     return [_join(_line(flag, (x, 0.0), 6), _line((x, 0.0), (x + r(-0.04, 0.04), 1.0), 14))]
 
 
 def _one_long_flag(r: R) -> list[Stroke]:
     """The flag as a long upstroke from low on the left (Swiss/German 1)."""
     x = r(0.55, 0.68)
-    flag = (x - r(0.35, 0.55), r(0.4, 0.6))
+    flag = _flag(x, r(0.45, 0.7), r(40, 65))
     bend = ((flag[0] + x) / 2 + r(-0.05, 0.02), (flag[1]) / 2 - r(0.0, 0.08))
     return [_join(_bezier(flag, bend, bend, (x, 0.0), 12), _line((x, 0.0), (x + r(-0.03, 0.03), 1.0), 14))]
+
+
+def _one_flat_flag(r: R) -> list[Stroke]:
+    """A longer, flatter flag, as some typefaces and writers draw it; still falling to the left
+    and shorter than a 7's bar, on an upright stem."""
+    x = r(0.55, 0.68)
+    flag = _flag(x, r(0.25, 0.4), r(18, 30))
+    return [_join(_line(flag, (x, 0.0), 8), _line((x, 0.0), (x + r(-0.04, 0.04), 1.0), 14))]
 
 
 def _one_serif_foot(r: R) -> list[Stroke]:
@@ -273,7 +292,7 @@ STYLES: dict[int, dict[str, Callable[[R], list[Stroke]]]] = {
     0: {"oval": _zero_oval, "open-oval": _zero_open},
     1: {
         "stick": _one_stick, "flag": _one_flag, "short-flag": _one_short_flag, "flag-foot": _one_flag_foot,
-        "long-flag": _one_long_flag, "serif-foot": _one_serif_foot,
+        "long-flag": _one_long_flag, "flat-flag": _one_flat_flag, "serif-foot": _one_serif_foot,
     },
     2: {"classic": _two_classic, "looped": _two_looped, "z-like": _two_z},
     3: {"round": _three_round, "flat-top": _three_flat},
@@ -287,7 +306,10 @@ STYLES: dict[int, dict[str, Callable[[R], list[Stroke]]]] = {
 # Styles only the held-out split draws: near relatives of trained ones, never trained on.
 HOLDOUT_STYLES = frozenset({(2, "z-like"), (4, "open-one-stroke"), (7, "hooked"), (9, "diagonal-tail")})
 # How often each style is drawn (relative, per digit): the styles MNIST lacks get more weight.
-_WEIGHTS = {(1, "stick"): 1.0, (1, "flag"): 2.0, (1, "short-flag"): 1.5, (1, "flag-foot"): 1.5, (1, "long-flag"): 2.0}
+_WEIGHTS = {
+    (1, "stick"): 1.0, (1, "flag"): 2.0, (1, "short-flag"): 1.5, (1, "flag-foot"): 1.5, (1, "long-flag"): 2.0,
+    (1, "flat-flag"): 1.5,
+}
 
 
 def styles_for(digit: int, split: str) -> list[str]:
@@ -327,7 +349,9 @@ def skeleton(digit: int, style: str, rng: np.random.Generator) -> list[Stroke]:
 
     strokes = [s.copy() for s in STYLES[digit][style](r)]
     width = r(0.5, 0.85) if digit != 1 else r(0.55, 1.0)
-    slant = r(-0.12, 0.35)  # top moves right by this per unit height
+    # The top moves right by this per unit height. A 1 leaning as far as other digits may
+    # would be a 7 with a short bar to anyone who reads it, so its lean is kept smaller.
+    slant = r(-0.12, 0.35) if digit != 1 else r(-0.12, 0.2)
     angle = np.deg2rad(r(-8, 8))
     c, s = np.cos(angle), np.sin(angle)
     wob = r(0.0, 0.025)
@@ -369,8 +393,57 @@ def _draw(strokes: list[Stroke], size_px: float, pen_px: float, canvas: int, cen
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
-def render(digit: int, style: str, rng: np.random.Generator, split: str = "train") -> np.ndarray:
-    """One picture of `digit` in `style` as a user would send it: uint8 grayscale, mostly dark ink on light paper."""
+def _scan(strokes: list[Stroke], rng: np.random.Generator, ribbon: bool) -> np.ndarray:
+    """The strokes written with a pen of 8-30% of the digit's height, then `form_scan`ned."""
+    size = 64.0
+    pen_px = float(np.exp(rng.uniform(np.log(0.08), np.log(0.3)))) * size
+    pts = np.concatenate(strokes)
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    canvas = int(np.ceil(((hi - lo) * size + pen_px).max())) + 8
+    cov = _draw(strokes, size, pen_px, canvas, canvas / 2 - (lo + hi) / 2 * size, rng, ribbon)
+    return form_scan(cov, rng)
+
+
+def form_scan(coverage: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A form reader's capture of a digit given as ink coverage (0..1): cropped to its ink and
+    fitted into a small square box (10-20 px; half the time stretched to fill it, whatever its
+    shape), often at one bit per pixel, then shown enlarged as dark ink on light paper. Strokes
+    come out thick and blocky, and a narrow digit such as a 1 comes out as wide as it is tall."""
+    mask = coverage > 0.3
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        rows, cols = np.arange(coverage.shape[0]), np.arange(coverage.shape[1])
+    crop = coverage[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    side = int(rng.integers(10, 21))
+    h, w = crop.shape
+    if rng.random() < 0.5:
+        box = (side, side)
+    else:
+        k = side / max(h, w)
+        box = (max(1, round(w * k)), max(1, round(h * k)))
+    small = np.asarray(Image.fromarray(crop.astype(np.float32)).resize(box, Image.Resampling.BOX), dtype=np.float32)
+    if rng.random() < 0.5:  # one bit per pixel
+        small = (small > rng.uniform(0.25, 0.5) * max(float(small.max()), 1e-6)).astype(np.float32)
+    pad = int(rng.integers(1, 5))  # a form's box leaves some paper around the digit
+    grid = np.zeros((box[1] + 2 * pad, box[0] + 2 * pad), np.float32)
+    grid[pad : pad + box[1], pad : pad + box[0]] = np.clip(small, 0.0, 1.0)
+    paper, ink = float(rng.uniform(190, 255)), float(rng.uniform(0, 90))
+    img = Image.fromarray(np.clip(paper - grid * (paper - ink), 0, 255).astype(np.uint8))
+    factor = int(rng.integers(1, 7))
+    if factor > 1:
+        resample = Image.Resampling.NEAREST if rng.random() < 0.6 else Image.Resampling.BILINEAR
+        img = img.resize((img.size[0] * factor, img.size[1] * factor), resample)
+    return np.asarray(img)
+
+
+def render(digit: int, style: str, rng: np.random.Generator, split: str = "train", capture: str | None = None) -> np.ndarray:
+    """One picture of `digit` in `style` as a user would send it: uint8 grayscale, mostly dark ink on light paper.
+
+    `capture` is "camera" (a phone or a scanner at its own resolution), "scan" (a form reader's
+    small fitted box, `_scan`) or None: a scan SCAN_SHARE of the time, else a camera.
+    """
+    if capture not in CAPTURES + (None,):
+        raise ValueError(f"capture must be one of {', '.join(CAPTURES)} or None, got {capture!r}")
     strokes = skeleton(digit, style, rng)
     holdout = split == "holdout"
     if holdout:  # the held-out camera: stronger perspective
@@ -382,6 +455,10 @@ def render(digit: int, style: str, rng: np.random.Generator, split: str = "train
         p = np.concatenate([st, np.ones((len(st), 1))], axis=1) @ hmat.T
         warped.append(p[:, :2] / p[:, 2:3])
     strokes = warped
+    if capture is None:
+        capture = "scan" if rng.random() < SCAN_SHARE else "camera"
+    if capture == "scan":
+        return _scan(strokes, rng, ribbon=holdout and rng.random() < 0.5)
 
     # Capture resolution: the digit's height in the picture as taken, before any upscaling.
     low_res = rng.random() < 0.5
@@ -443,12 +520,14 @@ def _pick_style(digit: int, split: str, rng: np.random.Generator) -> str:
     return names[int(rng.choice(len(names), p=w / w.sum()))]
 
 
-def _render_jobs(jobs: Sequence[tuple[int, int]], split: str, seed: int, raw: bool, version: int) -> list[tuple[np.ndarray, str]]:
+def _render_jobs(
+    jobs: Sequence[tuple[int, int]], split: str, seed: int, raw: bool, version: int, capture: str | None = None
+) -> list[tuple[np.ndarray, str]]:
     out = []
     for i, d in jobs:
         rng = np.random.default_rng([_SPLIT_SALT[split], seed, d, i])
         style = _pick_style(d, split, rng)
-        pic = render(d, style, rng, split)
+        pic = render(d, style, rng, split, capture)
         out.append((pic if raw else normalize(pic, version), style))
     return out
 
@@ -461,8 +540,12 @@ def build(
     raw: bool = False,
     workers: int = 1,
     version: int = NORMALISER_VERSION,
+    capture: str | None = None,
+    extra: Mapping[int, int] | None = None,
 ) -> tuple[list[np.ndarray] | np.ndarray, np.ndarray, list[str]]:
     """n_per_digit pictures of each digit, index-major (0-9, 0-9, ...), as the model sees them.
+    `capture` forces every picture through one capture ("camera" or "scan"); None mixes them.
+    `extra` (digit -> count) appends more pictures of those digits, by further writers.
 
     Returns (images uint8 [N, 28, 28] normalised by `version`, or with raw=True the raw pictures
     as a list; labels uint8 [N]; style names). The same arguments give the same bytes,
@@ -471,9 +554,10 @@ def build(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     jobs = [(i, d) for i in range(n_per_digit) for d in range(10)]
+    jobs += [(i, d) for d, k in sorted((extra or {}).items()) for i in range(n_per_digit, n_per_digit + k)]
     labels = np.array([d for _, d in jobs], dtype=np.uint8)
     if workers <= 1 or len(jobs) < 200:
-        results = _render_jobs(jobs, split, seed, raw, version)
+        results = _render_jobs(jobs, split, seed, raw, version, capture)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -483,7 +567,7 @@ def build(
         chunks = [jobs[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         ctx = multiprocessing.get_context("spawn")  # the caller may hold torch's threads
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            parts = pool.map(_render_jobs, chunks, *zip(*[(split, seed, raw, version)] * len(chunks)))
+            parts = pool.map(_render_jobs, chunks, *zip(*[(split, seed, raw, version, capture)] * len(chunks)))
             results = [r for part in parts for r in part]
     images = [img for img, _ in results]
     styles = [f"{d}:{s}" for d, (_, s) in zip(labels, results)]
@@ -500,24 +584,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-per-digit", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--capture", choices=CAPTURES, default=None, help="draw every picture through this capture (default: a mix)")
     p.add_argument("--png", action="store_true", help="also write every raw picture as PNG (what a user would send)")
     args = p.parse_args(argv)
-    images, labels, styles = build(args.n_per_digit, args.split, args.seed, workers=args.workers)
-    raw, raw_labels, _ = build(min(30, args.n_per_digit), args.split, args.seed, raw=True, workers=1)
+    images, labels, styles = build(args.n_per_digit, args.split, args.seed, workers=args.workers, capture=args.capture)
+    raw, raw_labels, _ = build(min(30, args.n_per_digit), args.split, args.seed, raw=True, workers=1, capture=args.capture)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    prefix = f"handwriting-{args.split}"
+    prefix = f"handwriting-{args.split}" + (f"-{args.capture}" if args.capture else "")
     _write_atomic(out / f"{prefix}-images-idx3-ubyte", encode_idx(images))
     _write_atomic(out / f"{prefix}-labels-idx1-ubyte", encode_idx(labels))
     _write_atomic(out / f"{prefix}-styles.txt", ("\n".join(styles) + "\n").encode())
     _write_atomic(out / f"{prefix}-contact.png", _png_bytes(contact_sheet(images, labels, min(30, args.n_per_digit))))
     _write_atomic(out / f"{prefix}-raw.png", _png_bytes(contact_sheet(raw, raw_labels, min(30, args.n_per_digit), cell=64)))
     if args.png:
-        pics, _, _ = build(args.n_per_digit, args.split, args.seed, raw=True, workers=1)
+        pics, _, _ = build(args.n_per_digit, args.split, args.seed, raw=True, workers=1, capture=args.capture)
         (out / "png").mkdir(exist_ok=True)
         for i, (pic, d) in enumerate(zip(pics, labels)):
             _write_atomic(out / "png" / f"{i:05d}-{d}.png", _png_bytes(Image.fromarray(pic)))
-    info = {"split": args.split, "seed": args.seed, "n_per_digit": args.n_per_digit, "generator_version": GENERATOR_VERSION, "normaliser_version": NORMALISER_VERSION}
+    info = {"split": args.split, "seed": args.seed, "n_per_digit": args.n_per_digit, "capture": args.capture, "generator_version": GENERATOR_VERSION, "normaliser_version": NORMALISER_VERSION}
     _write_atomic(out / f"{prefix}.json", (json.dumps(info, indent=2) + "\n").encode())
     print(f"wrote {len(labels)} images ({args.split}, seed {args.seed}) to {out}; look at {out / (prefix + '-raw.png')}")
     return 0

@@ -5,8 +5,9 @@ Two sources are added to MNIST's raw training images:
 - synthetic handwriting (training.handwriting, "train" split): styles MNIST lacks, drawn as
   pen strokes and captured like a phone or scanner would, then normalised;
 - MNIST training images turned into pictures (inverted, off-centre on a larger canvas,
-  enlarged and JPEG'd) and normalised back, so the model learns that a digit sent as a
-  picture is the same digit as its raw pixels (resampling and JPEG change its pixels).
+  enlarged and JPEG'd, or fitted into a form reader's small box) and normalised back, so
+  the model learns that a digit sent as a picture is the same digit as its raw pixels
+  (resampling and JPEG change its pixels).
 
 Both are normalised by `imaging.normalize` with the version the model is made for, the
 same call the server makes. Building them costs a minute or two of CPU; the result is
@@ -32,9 +33,14 @@ _SALT = 1_000_211
 
 
 def _variant(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """An MNIST digit as someone might send it: inverted or not, off-centre, enlarged, JPEG'd."""
+    """An MNIST digit as someone might send it: inverted or not, off-centre, enlarged, JPEG'd,
+    or through a form reader (`handwriting.form_scan`)."""
     pic = image.astype(np.uint8)
-    kind = int(rng.integers(0, 3))
+    kind = int(rng.integers(0, 4))
+    if kind == 3:  # through a form reader: fitted into a small box, maybe stretched, maybe 1-bit
+        from mnist_edge.training.handwriting import form_scan
+
+        return form_scan(pic.astype(np.float32) / 255.0, rng)
     if kind == 1:  # off-centre on a larger canvas
         side = int(rng.integers(36, 80))
         canvas = np.zeros((side, side), np.uint8)
@@ -90,6 +96,7 @@ def picture_training_set(
     *,
     handwriting_per_digit: int,
     mnist_pictures: int,
+    handwriting_extra: dict[int, int] | None = None,
     seed: int,
     version: int,
     data_sha256: dict[str, str],
@@ -101,7 +108,7 @@ def picture_training_set(
     from mnist_edge.training import handwriting
 
     key_src = json.dumps(
-        {"hw": handwriting_per_digit, "mp": mnist_pictures, "seed": seed, "version": version, "n": len(mnist_images),
+        {"hw": handwriting_per_digit, "hw_extra": sorted((handwriting_extra or {}).items()), "mp": mnist_pictures, "seed": seed, "version": version, "n": len(mnist_images),
          "data": data_sha256, "code": _source_digest()},
         sort_keys=True,
     )
@@ -111,13 +118,15 @@ def picture_training_set(
         with np.load(path) as z:
             images, labels = z["images"], z["labels"]
         log(f"picture training data: {len(labels)} images from the cache {path}")
-        return images, labels, {"handwriting": handwriting_per_digit * 10, "mnist_pictures": len(labels) - handwriting_per_digit * 10}
+        n_hw = handwriting_per_digit * 10 + sum((handwriting_extra or {}).values()) if handwriting_per_digit > 0 else 0
+        return images, labels, {"handwriting": n_hw, "mnist_pictures": len(labels) - n_hw}
 
     parts_x: list[np.ndarray] = []
     parts_y: list[np.ndarray] = []
     if handwriting_per_digit > 0:
-        log(f"drawing {handwriting_per_digit * 10} synthetic handwritten digits ...")
-        hx, hy, _ = handwriting.build(handwriting_per_digit, "train", seed, workers=workers, version=version)
+        n_hw = handwriting_per_digit * 10 + sum((handwriting_extra or {}).values())
+        log(f"drawing {n_hw} synthetic handwritten digits ...")
+        hx, hy, _ = handwriting.build(handwriting_per_digit, "train", seed, workers=workers, version=version, extra=handwriting_extra)
         parts_x.append(hx)
         parts_y.append(hy)
     n_pic = min(mnist_pictures, len(mnist_images))
@@ -135,4 +144,4 @@ def picture_training_set(
         buf = io.BytesIO()
         np.savez(buf, images=images, labels=labels)
         atomic_write(path, buf.getvalue())
-    return images, labels, {"handwriting": handwriting_per_digit * 10, "mnist_pictures": n_pic}
+    return images, labels, {"handwriting": len(labels) - n_pic, "mnist_pictures": n_pic}

@@ -165,17 +165,17 @@ def test_report_files_and_pictures(exported):
     assert len(report["final"]["per_class_accuracy"]) == 10
     assert sum(map(sum, report["final"]["confusion"])) == 10000
     # Per digit on MNIST and on every proxy split: a table row and a picture each.
-    splits = ["handwriting-tune", "handwriting-holdout"] + (["fonts-tune", "fonts-holdout"] if _fonts() else [])
+    splits = ["handwriting-tune", "handwriting-holdout", "scans-tune", "scans-holdout"] + (["fonts-tune", "fonts-holdout"] if _fonts() else [])
     assert sorted(report["proxy"]["int8"]) == sorted(splits)
     for name in ["mnist (test, raw)", *splits]:
         row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
         assert len(row.split("|")) == 14, row  # set, overall, ten digits
-    assert "handwriting-holdout: worst digit" in md
+    assert "handwriting-holdout: worst digit" in md and "scans-holdout: worst digit" in md
     from PIL import Image
 
     with Image.open(report_dir / "per_digit.png") as im:
         assert im.size[0] > 500 and im.size[1] > 48 + 30 * len(splits)
-    assert (report_dir / "wrong_handwriting_holdout.png").is_file()
+    assert (report_dir / "wrong_handwriting_holdout.png").is_file() and (report_dir / "wrong_scans_holdout.png").is_file()
 
 
 def _fonts() -> bool:

@@ -55,3 +55,42 @@ def test_raw_pictures_look_like_captures():
 def test_bad_split_is_named():
     with pytest.raises(ValueError, match="split must be one of train, tune, holdout"):
         handwriting.build(1, "test")
+
+
+def test_a_form_scan_is_small_thick_and_often_stretched_to_a_square():
+    raw, labels, _ = handwriting.build(20, "tune", seed=3, raw=True, capture="scan")
+    ones = [p for p, d in zip(raw, labels) if d == 1]
+    # Every 1 is drawn in a 10-20 px box (plus 1-4 px of paper), shown 1-6x larger.
+    square = sum(abs(p.shape[0] - p.shape[1]) <= max(p.shape) // 6 for p in ones)
+    assert square >= len(ones) // 4, "stretching to fill the box makes many 1s as wide as they are tall"
+    blocky = sum(len(np.unique(p)) <= 2 for p in raw)
+    assert blocky >= len(raw) // 5, "about half the scans are one bit per pixel"
+    for p in raw:
+        assert float(np.median(np.concatenate([p[0], p[-1], p[:, 0], p[:, -1]]))) > 127  # dark ink on light paper
+
+
+def test_capture_can_be_named_and_is_checked():
+    camera, _, _ = handwriting.build(3, "tune", seed=4, capture="camera")
+    scan, _, _ = handwriting.build(3, "tune", seed=4, capture="scan")
+    assert not np.array_equal(camera, scan)
+    with pytest.raises(ValueError, match="capture must be one of camera, scan"):
+        handwriting.build(1, "tune", capture="fax")
+
+
+def test_extra_pictures_of_some_digits_come_from_further_writers():
+    base, base_labels, _ = handwriting.build(2, "train", seed=0)
+    more, labels, styles = handwriting.build(2, "train", seed=0, extra={1: 3, 7: 1})
+    np.testing.assert_array_equal(more[:20], base)  # the balanced set is unchanged, the extras follow it
+    assert labels[20:].tolist() == [1, 1, 1, 7] and np.bincount(labels, minlength=10)[[1, 7]].tolist() == [5, 3]
+    assert all(s.startswith(f"{d}:") for s, d in zip(styles, labels))
+    assert not any(np.array_equal(more[20], b) for b in base)
+
+
+def test_extra_is_written_as_digit_count_pairs():
+    pytest.importorskip("torch")
+    from mnist_edge.training.train import parse_extra
+
+    assert parse_extra("1:3000,7:1500") == {1: 3000, 7: 1500} and parse_extra("") == {}
+    for bad in ("1=3000", "10:5", "1:-1", "one:2"):
+        with pytest.raises(Exception, match="digit"):
+            parse_extra(bad)
