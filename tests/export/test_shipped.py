@@ -23,6 +23,23 @@ def test_shipped_manifest_meets_the_release_bar():
     assert sorted(p.name for p in MODELS.iterdir() if p.suffix == ".onnx") == sorted([int8["file"], fp32["file"]])
 
 
+def test_shipped_model_reads_digits_that_are_not_mnist():
+    """The bar of the handwriting issue, as the export measured it and the manifest records it:
+    >= 99.3% on MNIST in int8, and every digit >= 90% on every held-out split (synthetic
+    handwriting, form-reader scans, font families never tuned on). `export --check` (below)
+    re-measures the splits it can build here and fails if they fall below these records."""
+    from mnist_edge.export import proxies
+
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    assert manifest["models"]["int8"]["accuracy"] >= 0.993
+    figures = manifest["proxy"]["int8"]
+    assert {"handwriting-holdout", "scans-holdout"} <= set(figures)
+    for name in proxies.HELD_OUT:
+        if name in figures:
+            assert figures[name]["worst"] >= 0.90, (name, figures[name]["per_digit"])
+            assert figures[name]["accuracy"] >= 0.96, (name, figures[name]["accuracy"])
+
+
 def test_export_check_passes_on_the_shipped_models():
     """What CI runs every time: hashes, golden images and the gate with this machine's onnxruntime."""
     proc = subprocess.run(
