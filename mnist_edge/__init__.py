@@ -2,7 +2,7 @@
 
 from pathlib import Path as _Path
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # In a source checkout the stage folders (server/, client/, training/, ...) sit beside this
 # package, and pyproject's package-dir maps them to mnist_edge.<stage> only once installed.
