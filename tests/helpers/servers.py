@@ -102,5 +102,11 @@ def channel_per_worker(address: str, workers: int, metadata=(), attempts: int = 
         else:
             found[pid] = ch
         if len(found) == workers:
-            return list(found.values())
-    raise AssertionError(f"reached {len(found)} of {workers} workers in {attempts} connections")
+            break
+    else:
+        raise AssertionError(f"reached {len(found)} of {workers} workers in {attempts} connections")
+    # A worker answers before its model is loaded and verified: wait until each one is ready.
+    stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in found.values()]
+    wait_for(lambda: all(s.ServerReady(pb.ServerReadyRequest(), timeout=10, metadata=list(metadata)).ready for s in stubs),
+             timeout=60, interval=0.1)
+    return list(found.values())

@@ -9,6 +9,7 @@ import subprocess
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 
 from helpers.models import copy_models, set_version
@@ -30,6 +31,17 @@ def infer_ok(address: str, images) -> bool:
         return len(pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10).raw_output_contents) == 2
 
 
+def every_worker_serving(address: str, images=None) -> bool:
+    """Six calls on fresh connections all answered. A worker still loading its model answers
+    UNAVAILABLE "starting" (clients retry), never a wrong answer."""
+    images = np.zeros((2, 28, 28), np.uint8) if images is None else images
+    try:
+        return all(infer_ok(address, images) for _ in range(6))
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        return False
+
+
 def free_port() -> int:
     import socket
 
@@ -45,6 +57,9 @@ def two_workers(tmp_path):
     proc.metrics = metrics
     try:
         wait_for(lambda: health_status(address) == "SERVING", timeout=90)
+        # Health answered by one worker says nothing of the other: wait until calls on fresh
+        # connections (spread over the workers by SO_REUSEPORT) all succeed.
+        wait_for(lambda: every_worker_serving(address), timeout=90, interval=0.2)
         yield proc, address
     finally:
         if proc.poll() is None:
@@ -88,16 +103,8 @@ def test_a_dead_worker_is_restarted(two_workers, mnist):
         return len(seen - {victim}) >= 2
     wait_for(two_live_workers, timeout=60, interval=0.2)
 
-    def serving_again():
-        # The restarted worker answers health before its model is verified; until then its
-        # connections get UNAVAILABLE "starting" (clients retry), never a wrong answer.
-        try:
-            return all(infer_ok(address, mnist.test.images[:2]) for _ in range(6))
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-            return False
-
-    wait_for(serving_again, timeout=60, interval=0.2)
+    # The restarted worker answers health before its model is verified.
+    wait_for(lambda: every_worker_serving(address, mnist.test.images[:2]), timeout=60, interval=0.2)
 
 
 def test_sigterm_reaches_every_worker_and_each_drains(two_workers):
