@@ -42,8 +42,16 @@ BOX = 20  # side of the box the digit is fitted into
 # crop, fit into 20x20, centre of mass (MNIST's own steps). Version 2: as 1, with uneven
 # lighting (a shadow, a vignette, a gradient across a photo) taken out before the contrast
 # stretch. Stroke-width normalisation was measured against these and not kept (docs/model-card.md).
-NORMALISER_VERSION = 2
-SUPPORTED_VERSIONS = (NORMALISER_VERSION,)
+# Version 3: as 2, for a picture cropped tight to its digit (a form reader's cell, a scan cut
+# to the ink), where the border is partly ink: polarity is read with a lean to dark ink on light
+# paper, and lighting is left alone (there is no paper around the digit to judge it by).
+# Pictures with paper around the digit come out as in version 2.
+NORMALISER_VERSION = 3
+# Version 2 stays available to `normalize` for measuring models made for it (training.evaluate
+# --normaliser 2); the server runs NORMALISER_VERSION only and refuses models made for another.
+SUPPORTED_VERSIONS = (2, NORMALISER_VERSION)
+DARK_ON_LIGHT_BORDER = 0.35  # v3: dark ink on light paper once this share of the border is clearly light
+TIGHT_CROP_BORDER = 0.1  # v3: lighting is left alone once this share of the border is ink
 BACKGROUND_GRID = 3  # the lighting is estimated on a 3x3 grid of blocks, then interpolated
 BACKGROUND_PERCENTILE = 2  # a block's background: this percentile of its pixels (ink is rarer)
 BACKGROUND_MIN = 0.05  # lighting that varies by less than this fraction of the ink's peak is left alone
@@ -148,7 +156,7 @@ def normalize(gray: np.ndarray, version: int = NORMALISER_VERSION) -> np.ndarray
     contrast so the background is 0 and the darkest ink is 255, crop to the ink,
     fit the crop into 20x20 keeping its aspect ratio, and place it in 28x28 so its
     centre of mass is at the centre. `version` names the version the caller expects
-    (a model's); any other than NORMALISER_VERSION is refused rather than approximated.
+    (a model's); one not in SUPPORTED_VERSIONS is refused rather than approximated.
     """
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"image normaliser version {version!r} is not available here (this mnist-edge has {list(SUPPORTED_VERSIONS)})")
@@ -164,12 +172,24 @@ def normalize(gray: np.ndarray, version: int = NORMALISER_VERSION) -> np.ndarray
 
     # Polarity: the border is mostly background. Dark-on-light pictures are inverted.
     border = np.concatenate([a[0, :], a[-1, :], a[:, 0], a[:, -1]])
+    dark_on_light = float(np.median(border)) > 127.5
     bg = float(np.median(border))
-    ink = (255.0 - a) if bg > 127.5 else a
-    bg_level = (255.0 - bg) if bg > 127.5 else bg
+    if version >= 3 and not dark_on_light:
+        # A border that is mostly dark may be dark ink cut tight (a form reader's cell) rather
+        # than a dark ground: when a good share of it is clearly light (near the picture's own
+        # lightest level, and well apart from its darkest), that light is paper. A light digit
+        # on a dark ground never covers that much of its border; noise never gets that light.
+        lo, hi = np.percentile(a, [2, 98])
+        light = border > lo + 0.75 * (hi - lo)
+        if hi - lo >= 64 and float(light.mean()) >= DARK_ON_LIGHT_BORDER:
+            dark_on_light = True
+            bg = float(np.median(border[light]))
+    ink = (255.0 - a) if dark_on_light else a
+    bg_level = (255.0 - bg) if dark_on_light else bg
 
     ink = ink - bg_level
-    ink = ink - _uneven_background(ink)
+    if version < 3 or not _tight_crop(ink):
+        ink = ink - _uneven_background(ink)
     peak = float(ink.max())
     if peak < 16.0:
         raise ImageError(
@@ -210,6 +230,15 @@ def normalize(gray: np.ndarray, version: int = NORMALISER_VERSION) -> np.ndarray
     out = np.zeros((SIZE, SIZE), dtype=np.float32)
     out[top : top + new_h, left : left + new_w] = box
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _tight_crop(ink: np.ndarray) -> bool:
+    """A picture cut to its digit: a share of its border is ink (over half the ink's peak)."""
+    peak = float(ink.max())
+    if peak <= 0:
+        return False
+    border = np.concatenate([ink[0, :], ink[-1, :], ink[:, 0], ink[:, -1]])
+    return float((border > 0.5 * peak).mean()) > TIGHT_CROP_BORDER
 
 
 def _uneven_background(ink: np.ndarray) -> np.ndarray | float:

@@ -424,7 +424,7 @@ def form_scan(coverage: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     small = np.asarray(Image.fromarray(crop.astype(np.float32)).resize(box, Image.Resampling.BOX), dtype=np.float32)
     if rng.random() < 0.5:  # one bit per pixel
         small = (small > rng.uniform(0.25, 0.5) * max(float(small.max()), 1e-6)).astype(np.float32)
-    pad = int(rng.integers(1, 5))  # a form's box leaves some paper around the digit
+    pad = int(rng.integers(0, 5))  # 0: cut to the digit, as a form reader's cell often is
     grid = np.zeros((box[1] + 2 * pad, box[0] + 2 * pad), np.float32)
     grid[pad : pad + box[1], pad : pad + box[0]] = np.clip(small, 0.0, 1.0)
     paper, ink = float(rng.uniform(190, 255)), float(rng.uniform(0, 90))

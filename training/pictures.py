@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mnist_edge.imaging.normalize import normalize
+from mnist_edge.imaging.normalize import ImageError, normalize
 
 _SALT = 1_000_211
 
@@ -60,7 +60,18 @@ def _variant(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _mnist_jobs(jobs: Sequence[tuple[int, np.ndarray]], seed: int, version: int) -> list[np.ndarray]:
-    return [normalize(_variant(img, np.random.default_rng([_SALT, seed, i])), version) for i, img in jobs]
+    out = []
+    for i, img in jobs:
+        rng = np.random.default_rng([_SALT, seed, i])
+        for _ in range(10):
+            try:
+                out.append(normalize(_variant(img, rng), version))
+                break
+            except ImageError:  # a narrow digit fitted into a box with no paper around it is all ink: again
+                continue
+        else:
+            raise RuntimeError(f"no readable picture of MNIST image {i} in 10 draws (seed {seed})")
+    return out
 
 
 def mnist_as_pictures(images: np.ndarray, seed: int, version: int, workers: int = 1) -> np.ndarray:
