@@ -18,6 +18,7 @@ import pytest
 from helpers.servers import (
     channel_per_worker,
     health_status,
+    json_log,
     start_cli_server,
     wait_for,
 )
@@ -116,7 +117,7 @@ def test_a_misspelt_setting_is_named_with_the_closest_known_name(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    log = json_log(proc)
     warnings = [e for e in log if e["event"] == "unknown_setting"]
     assert [(e["variable"], e["closest"], e["level"]) for e in warnings] == [("MNIST_EDGE_MAX_BATCH_SIZ", "MNIST_EDGE_MAX_BATCH_SIZE", "warning")]
     assert "MNIST_EDGE_MAX_BATCH_SIZ" in warnings[0]["msg"] and "MNIST_EDGE_MAX_BATCH_SIZE" in warnings[0]["msg"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +62,22 @@ def start_cli_server(tmp_path: Path, *args: str, env: dict | None = None) -> tup
         out, err = proc.communicate()
         raise AssertionError(f"server exited with {proc.returncode}: {err}")
     return proc, port_file.read_text().strip()
+
+
+def stop_cli_server(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Teardown for a CLI server: SIGTERM, and a kill if it has not exited within `timeout` s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def json_log(proc: subprocess.Popen) -> list[dict]:
+    """The JSON log lines (`--log-format json`) a stopped CLI server wrote to stderr."""
+    return [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
 
 
 def health_status(address: str, service: str = "") -> str:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from helpers.servers import make_settings
+from helpers.servers import make_settings, stop_cli_server
 
 
 def test_a_unix_socket_is_created_with_its_mode_not_the_umasks(tmp_path, monkeypatch):
@@ -97,7 +97,6 @@ def test_a_huge_hand_made_header_block_costs_little_and_others_are_served(tmp_pa
     """A 1 MB header block sent by hand in CONTINUATION frames: gRPC core reads it (HTTP/2
     requires it) but keeps only what fits its metadata bounds; the server's memory barely moves
     and other callers are served (docs/limits.md, "Headers")."""
-    import signal
     import socket
 
     import grpc
@@ -131,8 +130,4 @@ def test_a_huge_hand_made_header_block_costs_little_and_others_are_served(tmp_pa
                 assert len(pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request, timeout=10).outputs) == 2
         assert rss_kb() - before < 32 * 1024, (before, rss_kb())
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_cli_server(proc)

@@ -3,15 +3,13 @@ memory or other callers paying for it (a server subprocess, loopback only)."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import threading
 import time
 
 import grpc
 import pytest
 
-from helpers.servers import health_status, start_cli_server, wait_for
+from helpers.servers import health_status, start_cli_server, stop_cli_server, wait_for
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -93,8 +91,4 @@ def test_junk_requests_are_refused_short_and_cheap_while_others_are_served(tmp_p
         assert not errors, errors[:3]  # the other caller was answered every time
         assert len(waits) >= 10 and max(waits) < 0.5, max(waits)  # a guard: normally a few ms
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_cli_server(proc)

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from helpers.models import copy_models, set_version
-from helpers.servers import health_status, running_server, start_cli_server, wait_for
+from helpers.servers import health_status, json_log, running_server, start_cli_server, wait_for
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from mnist_edge.server import model_store
@@ -67,7 +67,7 @@ def test_sighup_reloads_refuses_bad_models_and_supersedes_old_versions(tmp_path,
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    log = json_log(proc)
     events = [e["event"] for e in log]
     assert events.count("reloaded") == 1 and events.count("reload_refused") == 2
     refused = [e["msg"] for e in log if e["event"] == "reload_refused"]

@@ -4,7 +4,6 @@ version), unpinned calls get N+1 at once, then N is unloaded and answers NOT_FOU
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 import urllib.request
@@ -17,6 +16,7 @@ from helpers.models import copy_models, set_version
 from helpers.servers import (
     channel_per_worker,
     health_status,
+    json_log,
     running_server,
     start_cli_server,
     wait_for,
@@ -94,7 +94,7 @@ def test_pinned_calls_keep_working_through_the_grace_period(tmp_path, shipped_ma
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    log = json_log(proc)
     assert sum(e["event"] == "previous_unloaded" for e in log) == workers
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers.models import copy_models, set_version
-from helpers.servers import health_status, make_settings, start_cli_server, wait_for
+from helpers.servers import health_status, json_log, make_settings, start_cli_server, stop_cli_server, wait_for
 from mnist_edge.protos.inference import grpc_service_pb2 as pb
 from mnist_edge.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -118,7 +118,7 @@ def test_sigterm_reaches_every_worker_and_each_drains(two_workers):
     assert proc.wait(60) == 0
     for pid in pids:
         assert not _alive(pid)
-    events = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    events = json_log(proc)
     drained = [e for e in events if e["event"] == "stopping"]
     assert len(drained) >= 2  # each worker logged its own drain
 
@@ -145,7 +145,6 @@ def _alive(pid: int) -> bool:
 
 
 def test_unix_socket_takes_one_worker(tmp_path):
-    import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-m", "mnist_edge", "serve", "--address", f"unix:{tmp_path}/s.sock", "--workers", "2"], capture_output=True, text=True, timeout=60)
@@ -311,8 +310,4 @@ def test_workers_agree_on_the_version_the_parent_owns(tmp_path, shipped_manifest
         assert len(_events(proc, "reloaded")) == reloads
         assert {_pid_and_version(address)[1] for _ in range(10)} == {"2"}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_cli_server(proc)
